@@ -1,0 +1,118 @@
+"""LlamaAVSR configuration: which encoders and LLM, how their outputs are compressed and projected, and how the
+prompt is laid out.
+
+The sequence the LLM sees (as in the reference implementation and the paper's figures):
+
+    [BOS] <audio> A_1..A_n </audio> <video> V_1..V_m </video> prompt transcript [EOS]
+
+ASR drops the video block, VSR the audio block. `A_i` / `V_i` are placeholder tokens whose embeddings the model
+replaces with projected encoder features.
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from .configuration_avhubert import AVHubertConfig
+
+# The original Llama-AVSR prompts (no chat template).
+DEFAULT_PROMPTS = {
+    "asr": "Transcribe speech to text.",
+    "vsr": "Transcribe video to text.",
+    "avsr": "Transcribe speech and video to text.",
+}
+
+# Marker and placeholder strings added to the LLM tokenizer. The markers are the original's; the placeholders are
+# ours: one token per compressed encoder frame, replaced by features inside the model (as LLaVA does for images).
+AUDIO_START, AUDIO_END, VIDEO_START, VIDEO_END = "<audio>", "</audio>", "<video>", "</video>"
+AUDIO_PLACEHOLDER, VIDEO_PLACEHOLDER = "<|audio_frame|>", "<|video_frame|>"
+ADDED_TOKENS = (AUDIO_START, AUDIO_END, VIDEO_START, VIDEO_END, AUDIO_PLACEHOLDER, VIDEO_PLACEHOLDER)
+
+
+@strict
+class LlamaAVSRConfig(PreTrainedConfig):
+    r"""
+    text_config (`dict` or `PreTrainedConfig`): any causal-LM config (Llama, SmolLM2, ...).
+    audio_config (`dict` or `WhisperConfig`, *optional*): the Whisper encoder; None for VSR.
+    video_config (`dict` or `AVHubertConfig`, *optional*): the AV-HuBERT encoder; None for ASR.
+    modality (`"asr" | "vsr" | "avsr"`): which streams feed the LLM.
+    compression_type (`"avg" | "stack"`): average-pool K frames (the sink paper) or concatenate them (ICASSP release).
+    audio_compression_rate / video_compression_rate (`int`): K for each stream, written (a, v) in the papers.
+    projector_hidden_size (`int`): hidden width of the Linear-ReLU-Linear projectors (2048 in the original).
+    projector_layer_norm (`bool`): LayerNorm(d_llm) after each projector (used with the decorrelation loss).
+    prompt (`str`, *optional*): instruction after the modality blocks; the original's for `modality` by default.
+    lora_rank / lora_alpha / lora_dropout / lora_target_modules: LoRA on the language model only (0 = no LoRA).
+    freeze_audio_encoder / freeze_video_encoder (`bool`): frozen encoders run in eval mode under no_grad.
+    *_token_id: ids of the added markers and placeholders in the LLM vocabulary (set by `from_components`).
+    """
+
+    model_type = "llama_avsr"
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
+        "video_config": SubConfigSpec(config_class=AVHubertConfig, optional=True),
+    }
+
+    text_config: dict | PreTrainedConfig | None = None
+    audio_config: dict | PreTrainedConfig | None = None
+    video_config: dict | PreTrainedConfig | None = None
+    modality: Literal["asr", "vsr", "avsr"] = "avsr"
+    compression_type: Literal["avg", "stack"] = "avg"
+    audio_compression_rate: int = 4
+    video_compression_rate: int = 2
+    projector_hidden_size: int = 2048
+    projector_layer_norm: bool = False
+    prompt: str | None = None
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | None = None
+    freeze_audio_encoder: bool = True
+    freeze_video_encoder: bool = True
+    audio_start_token_id: int | None = None
+    audio_end_token_id: int | None = None
+    video_start_token_id: int | None = None
+    video_end_token_id: int | None = None
+    audio_token_id: int | None = None
+    video_token_id: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.prompt is None:
+            self.prompt = DEFAULT_PROMPTS[self.modality]
+        if self.lora_target_modules is None:
+            self.lora_target_modules = ["q_proj", "v_proj"]
+        # An encoder the modality does not use is not built (and not saved).
+        if not self.uses_audio:
+            self.audio_config = None
+        elif self.audio_config is None:
+            self.audio_config = AutoConfig.for_model("whisper")
+        if not self.uses_video:
+            self.video_config = None
+        elif self.video_config is None:
+            self.video_config = AVHubertConfig()
+        # Tied embeddings live in the text config of most LLMs; forward it so the composite model ties lm_head too.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        for name in ("audio_compression_rate", "video_compression_rate", "projector_hidden_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 disables LoRA), got {self.lora_rank}")
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.modality in ("asr", "avsr")
+
+    @property
+    def uses_video(self) -> bool:
+        return self.modality in ("vsr", "avsr")
+
+
+__all__ = ["LlamaAVSRConfig", "DEFAULT_PROMPTS", "ADDED_TOKENS"]

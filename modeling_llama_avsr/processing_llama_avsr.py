@@ -1,0 +1,276 @@
+"""LlamaAVSRProcessor: Whisper log-mel features, normalised lip frames and the LLM token sequence with placeholders.
+
+    [BOS] <audio> A * n </audio> <video> V * m </video> prompt [transcript EOS]
+
+n and m are the numbers of compressed encoder tokens of each clip, computed with the same functions the model uses,
+so the model can replace the placeholders one for one. Labels are -100 everywhere but the transcript and its EOS.
+"""
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, WhisperFeatureExtractor
+
+from .configuration_llama_avsr import (
+    ADDED_TOKENS,
+    AUDIO_END,
+    AUDIO_PLACEHOLDER,
+    AUDIO_START,
+    DEFAULT_PROMPTS,
+    VIDEO_END,
+    VIDEO_PLACEHOLDER,
+    VIDEO_START,
+)
+from .modeling_llama_avsr import compressed_length, resolve_component, whisper_encoder_length
+
+SAMPLING_RATE = 16_000
+MAX_AUDIO_SECONDS = 30.0  # Whisper's window: longer audio would be cut, so it is refused instead
+# ITU-R BT.601 luma, the weights OpenCV's and auto_avsr's RGB -> gray conversion uses.
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+TOKEN_ID_NAMES = {
+    AUDIO_START: "audio_start_token_id",
+    AUDIO_END: "audio_end_token_id",
+    VIDEO_START: "video_start_token_id",
+    VIDEO_END: "video_end_token_id",
+    AUDIO_PLACEHOLDER: "audio_token_id",
+    VIDEO_PLACEHOLDER: "video_token_id",
+}
+
+
+def prepare_tokenizer(tokenizer):
+    """Add the markers and placeholders (once) and make sure BOS and pad exist. Returns the config's token ids."""
+    tokenizer.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)}, replace_extra_special_tokens=False)
+    if tokenizer.bos_token is None:  # some LLMs have none; the sequence layout needs one
+        tokenizer.add_special_tokens({"bos_token": "<|bos|>"})
+    if tokenizer.pad_token is None:  # padding is masked, so reusing EOS is safe
+        tokenizer.pad_token = tokenizer.eos_token
+    return {name: tokenizer.convert_tokens_to_ids(token) for token, name in TOKEN_ID_NAMES.items()}
+
+
+def load_component_tokenizer(text_model: str):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_component(text_model))
+    token_ids = prepare_tokenizer(tokenizer)
+    return tokenizer, token_ids
+
+
+class LlamaAVSRProcessor(ProcessorMixin):
+    r"""
+    Args:
+        feature_extractor (`WhisperFeatureExtractor`): log-mel features for the audio encoder.
+        tokenizer: the LLM tokenizer, with the markers and placeholders added (see `from_components`).
+        modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate: as in the
+            model's config; they decide the sequence layout and must match the model.
+        video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
+        normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
+            default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
+    """
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        modality: str = "avsr",
+        prompt: str | None = None,
+        audio_compression_rate: int = 4,
+        video_compression_rate: int = 2,
+        video_crop_size: int = 88,
+        video_mean: float = 0.421,
+        video_std: float = 0.165,
+        normalize_waveform: bool = False,
+        **kwargs,
+    ):
+        if modality not in DEFAULT_PROMPTS:
+            raise ValueError(f"modality must be one of {list(DEFAULT_PROMPTS)}, got {modality!r}")
+        self.modality = modality
+        self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS[modality]
+        self.audio_compression_rate = audio_compression_rate
+        self.video_compression_rate = video_compression_rate
+        self.video_crop_size = video_crop_size
+        self.video_mean = video_mean
+        self.video_std = video_std
+        self.normalize_waveform = normalize_waveform
+        super().__init__(feature_extractor, tokenizer, **kwargs)
+        self.token_ids = prepare_tokenizer(self.tokenizer)
+
+    @classmethod
+    def from_components(cls, text_model: str, audio_encoder: str | None = None, video_encoder=None,
+                        modality: str = "avsr", **kwargs) -> "LlamaAVSRProcessor":
+        """The processor matching `LlamaAVSRForConditionalGeneration.from_components` with the same arguments."""
+        tokenizer, _ = load_component_tokenizer(text_model)
+        if audio_encoder is not None:
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(resolve_component(audio_encoder))
+        else:  # VSR: never used, but a processor always carries one so that save/load stays uniform
+            feature_extractor = WhisperFeatureExtractor()
+        # Config keywords the model takes (lora_rank, projector sizes, ...) are not the processor's business.
+        own = {k: v for k, v in kwargs.items() if k in cls.__init__.__code__.co_varnames}
+        return cls(feature_extractor=feature_extractor, tokenizer=tokenizer, modality=modality, **own)
+
+    @property
+    def uses_audio(self):
+        return self.modality in ("asr", "avsr")
+
+    @property
+    def uses_video(self):
+        return self.modality in ("vsr", "avsr")
+
+    # ---- media ---------------------------------------------------------------------------------------------------
+
+    def _audio_features(self, audio, sampling_rate):
+        if sampling_rate != SAMPLING_RATE:
+            raise ValueError(f"audio must be sampled at {SAMPLING_RATE} Hz, got {sampling_rate} Hz; resample it first")
+        clips = []
+        for i, clip in enumerate(audio):
+            clip = np.asarray(clip, dtype=np.float32)
+            if clip.ndim != 1:
+                raise ValueError(f"audio clip {i} must be mono 1-D samples, got shape {clip.shape}")
+            if clip.size == 0:
+                raise ValueError(f"audio clip {i} is empty")
+            if clip.size > MAX_AUDIO_SECONDS * SAMPLING_RATE:
+                raise ValueError(
+                    f"audio clip {i} lasts {clip.size / SAMPLING_RATE:.1f} s; Whisper's window is "
+                    f"{MAX_AUDIO_SECONDS:.0f} s. Split longer recordings first."
+                )
+            if not np.isfinite(clip).all():
+                raise ValueError(f"audio clip {i} contains NaN or infinite samples")
+            clips.append(clip)
+        features = self.feature_extractor(
+            clips,
+            sampling_rate=SAMPLING_RATE,
+            return_attention_mask=True,
+            padding="max_length",
+            do_normalize=self.normalize_waveform,
+            return_tensors="pt",
+        )
+        mel_frames = features["attention_mask"].sum(-1)
+        num_tokens = compressed_length(whisper_encoder_length(mel_frames), self.audio_compression_rate)
+        return features["input_features"], features["attention_mask"], num_tokens.tolist()
+
+    def _video_frames(self, videos):
+        frames, lengths = [], []
+        size = self.video_crop_size
+        for i, video in enumerate(videos):
+            video = np.asarray(video)
+            if video.ndim == 4 and video.shape[-1] in (1, 3):
+                video = video[..., 0] if video.shape[-1] == 1 else video.astype(np.float32) @ LUMA_WEIGHTS
+            if video.ndim != 3:
+                raise ValueError(f"video {i} must be (T, H, W) or (T, H, W, C) frames, got shape {video.shape}")
+            t, h, w = video.shape
+            if t == 0:
+                raise ValueError(f"video {i} has no frames")
+            if h < size or w < size:
+                raise ValueError(f"video {i} frames are {h}x{w}, smaller than the {size}x{size} lip crop")
+            top, left = (h - size) // 2, (w - size) // 2
+            crop = video[:, top : top + size, left : left + size].astype(np.float32) / 255.0
+            frames.append(torch.from_numpy((crop - self.video_mean) / self.video_std))
+            lengths.append(t)
+        longest = max(lengths)
+        pixels = torch.zeros(len(frames), longest, size, size)
+        mask = torch.zeros(len(frames), longest, dtype=torch.long)
+        for i, clip in enumerate(frames):
+            pixels[i, : len(clip)] = clip
+            mask[i, : len(clip)] = 1
+        num_tokens = [compressed_length(t, self.video_compression_rate) for t in lengths]
+        return pixels, mask, num_tokens
+
+    # ---- text ----------------------------------------------------------------------------------------------------
+
+    def _encode_text(self, text: str, what: str):
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        unk = self.tokenizer.unk_token_id
+        if unk is not None and unk in ids:
+            raise ValueError(f"{what} {text!r} holds characters the tokenizer cannot encode (they map to unknown)")
+        return ids
+
+    def _sequence(self, num_audio: int | None, num_video: int | None, target_ids: list[int] | None):
+        ids = [self.tokenizer.bos_token_id]
+        t = self.token_ids
+        if num_audio is not None:
+            ids += [t["audio_start_token_id"]] + [t["audio_token_id"]] * num_audio + [t["audio_end_token_id"]]
+        if num_video is not None:
+            ids += [t["video_start_token_id"]] + [t["video_token_id"]] * num_video + [t["video_end_token_id"]]
+        ids += self._prompt_ids
+        labels = [-100] * len(ids)
+        if target_ids is not None:
+            target_ids = target_ids + [self.tokenizer.eos_token_id]
+            ids, labels = ids + target_ids, labels + target_ids
+        return ids, labels
+
+    @property
+    def _prompt_ids(self):
+        return self._encode_text(self.prompt, "prompt")
+
+    def __call__(
+        self,
+        audio=None,
+        videos=None,
+        text=None,
+        sampling_rate: int = SAMPLING_RATE,
+        padding_side: str = "left",
+        return_tensors: str = "pt",
+        **kwargs,
+    ) -> BatchFeature:
+        """Args:
+        audio: list of 1-D float arrays, 16 kHz mono (ASR, AVSR).
+        videos: list of uint8 arrays (T, H, W[, C]) of mouth regions at 25 fps (VSR, AVSR).
+        text: list of target transcripts for training, or None for generation.
+        padding_side: "left" (default) suits both generate() and logits_to_keep in training.
+        """
+        if isinstance(text, str):
+            text = [text]
+        if audio is not None and not isinstance(audio, (list, tuple)):
+            audio = [audio]
+        if videos is not None and not isinstance(videos, (list, tuple)):
+            videos = [videos]
+        if self.uses_audio and audio is None:
+            raise ValueError(f"modality {self.modality!r} needs audio")
+        if self.uses_video and videos is None:
+            raise ValueError(f"modality {self.modality!r} needs videos")
+        sizes = {len(x) for x in (audio if self.uses_audio else None, videos if self.uses_video else None, text)
+                 if x is not None}
+        if len(sizes) != 1:
+            raise ValueError(f"audio, videos and text must hold the same number of samples, got sizes {sorted(sizes)}")
+        batch_size = sizes.pop()
+
+        data = {}
+        audio_tokens = video_tokens = [None] * batch_size
+        if self.uses_audio:
+            data["input_features"], data["feature_attention_mask"], audio_tokens = self._audio_features(
+                audio, sampling_rate
+            )
+        if self.uses_video:
+            data["pixel_values_videos"], data["video_attention_mask"], video_tokens = self._video_frames(videos)
+
+        sequences = []
+        for i in range(batch_size):
+            target = self._encode_text(" " + text[i].strip(), f"transcript {i}") if text is not None else None
+            sequences.append(self._sequence(audio_tokens[i], video_tokens[i], target))
+        longest = max(len(ids) for ids, _ in sequences)
+        input_ids = torch.full((batch_size, longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros(batch_size, longest, dtype=torch.long)
+        labels = torch.full((batch_size, longest), -100, dtype=torch.long)
+        for i, (ids, target) in enumerate(sequences):
+            span = slice(longest - len(ids), longest) if padding_side == "left" else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids)
+            attention_mask[i, span] = 1
+            labels[i, span] = torch.tensor(target)
+        data["input_ids"], data["attention_mask"] = input_ids, attention_mask
+        if text is not None:
+            data["labels"] = labels
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs):
+        """Decode generated ids to stripped transcripts. Pass only the new tokens: `generated[:, input_len:]`."""
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [t.strip() for t in texts]
+
+    @property
+    def model_input_names(self):
+        names = ["input_ids", "attention_mask"]
+        if self.uses_audio:
+            names += ["input_features", "feature_attention_mask"]
+        if self.uses_video:
+            names += ["pixel_values_videos", "video_attention_mask"]
+        return names
+
+
+__all__ = ["LlamaAVSRProcessor"]

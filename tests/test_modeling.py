@@ -1,0 +1,209 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_llama_avsr import LlamaAVSRConfig, LlamaAVSRForConditionalGeneration
+from modeling_llama_avsr.modeling_llama_avsr import compress
+
+from tiny import WORDS, random_clips, tiny_config, tiny_processor, tiny_tokenizer
+
+MODES = [("asr", "avg"), ("vsr", "avg"), ("avsr", "avg"), ("asr", "stack"), ("vsr", "stack"), ("avsr", "stack")]
+TARGETS = ["place blue at f two now", "red green by one", "place red in three now", "blue at two"]
+
+
+def build(modality, kind="avg", **kwargs):
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(modality, kind, tokenizer=tokenizer, **kwargs)
+    processor = tiny_processor(modality, config.audio_compression_rate, config.video_compression_rate, tokenizer)
+    return LlamaAVSRForConditionalGeneration(config), processor
+
+
+def batch(processor, n, text=True, seed=0):
+    clips = random_clips(n, seed)
+    audio, videos = [a for a, _ in clips], [v for _, v in clips]
+    return processor(audio=audio, videos=videos, text=TARGETS[:n] if text else None)
+
+
+def test_compress_matches_loop():
+    frames = torch.randn(2, 11, 3)
+    valid = torch.arange(11) < torch.tensor([[11], [6]])
+    avg, avg_mask = compress(frames, valid, 4, "avg")
+    stack, _ = compress(frames, valid, 4, "stack")
+    for b, length in enumerate([11, 6]):
+        for w in range((length + 3) // 4):
+            window = frames[b, 4 * w : min(4 * w + 4, length)]
+            torch.testing.assert_close(avg[b, w], window.mean(0))
+            padded = torch.cat([window, torch.zeros(4 - len(window), 3)]).flatten()
+            torch.testing.assert_close(stack[b, w], padded)
+        assert avg_mask[b].sum() == (length + 3) // 4
+
+
+@pytest.mark.parametrize("modality,kind", MODES)
+def test_loss_falls(modality, kind):
+    model, processor = build(modality, kind)
+    inputs = batch(processor, 3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(**inputs).loss
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.parametrize("modality,kind", MODES)
+def test_batched_generation_equals_single(modality, kind):
+    model, processor = build(modality, kind)
+    model.eval()
+    clips = random_clips(3, seed=1, seconds=(0.4, 1.6))
+    pad = processor.tokenizer.pad_token_id
+    together = processor(audio=[a for a, _ in clips], videos=[v for _, v in clips])
+    out = model.generate(**together, max_new_tokens=6, do_sample=False, pad_token_id=pad, min_new_tokens=6)
+    new = out[:, together["input_ids"].shape[1] :]
+    for i, (audio, video) in enumerate(clips):
+        alone = processor(audio=[audio], videos=[video])
+        single = model.generate(**alone, max_new_tokens=6, do_sample=False, pad_token_id=pad, min_new_tokens=6)
+        assert single[0, alone["input_ids"].shape[1] :].tolist() == new[i].tolist()
+
+
+def test_beam_search_runs_batched():
+    model, processor = build("avsr")
+    model.eval()
+    inputs = batch(processor, 2, text=False)
+    pad = processor.tokenizer.pad_token_id
+    out = model.generate(**inputs, num_beams=3, max_new_tokens=4, min_new_tokens=4, pad_token_id=pad)
+    assert out.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def test_left_padding_does_not_change_logits():
+    model, processor = build("avsr")
+    model.eval()
+    clips = random_clips(2, seed=2, seconds=(0.5, 1.5))
+    both = processor(audio=[a for a, _ in clips], videos=[v for _, v in clips], text=TARGETS[:2])
+    with torch.no_grad():
+        logits = model(**both).logits
+        for i, (audio, video) in enumerate(clips):
+            alone = processor(audio=[audio], videos=[video], text=[TARGETS[i]])
+            n = alone["input_ids"].shape[1]
+            torch.testing.assert_close(model(**alone).logits[0], logits[i, -n:], atol=1e-4, rtol=1e-4)
+
+
+def test_frozen_parts_and_lora_scope():
+    model, _ = build("avsr")
+    model.train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "_projector." in n for n in trainable)
+    lora = {n.split(".lora_")[0] for n in trainable if "lora_" in n}
+    assert all(n.startswith("model.language_model.") and n.endswith(("q_proj", "v_proj")) for n in lora)
+    assert len(lora) == 2 * model.config.text_config.num_hidden_layers
+    assert not model.model.audio_encoder.training and not model.model.video_encoder.training
+    assert model.model.language_model.training
+
+
+def test_lora_starts_as_identity():
+    config = tiny_config("asr")
+    torch.manual_seed(0)
+    with_lora = LlamaAVSRForConditionalGeneration(config)
+    b_norm = sum(p.abs().sum() for n, p in with_lora.named_parameters() if "lora_B" in n)
+    assert b_norm == 0
+
+
+def test_placeholder_mismatch_is_a_clear_error():
+    model, processor = build("asr")
+    inputs = batch(processor, 2)
+    inputs["input_ids"][0, inputs["input_ids"][0] == model.config.audio_token_id] = processor.tokenizer.pad_token_id
+    with pytest.raises(ValueError, match="audio placeholders and audio features do not match"):
+        model(**inputs)
+
+
+def test_logits_to_keep_gives_same_loss():
+    model, processor = build("avsr")
+    model.eval()
+    inputs = batch(processor, 3)
+    keep = int((inputs["labels"] != -100).sum(-1).max()) + 1
+    with torch.no_grad():
+        full = model(**inputs).loss
+        kept = model(**inputs, logits_to_keep=keep)
+    torch.testing.assert_close(full, kept.loss)
+    assert kept.logits.shape[1] == keep
+
+
+def test_num_items_in_batch_is_honoured():
+    model, processor = build("asr")
+    inputs = batch(processor, 2)
+    n = int((inputs["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        mean = model(**inputs).loss
+        summed = model(**inputs, num_items_in_batch=torch.tensor(2 * n)).loss
+    torch.testing.assert_close(summed, mean / 2)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, processor = build("avsr")
+    model.eval()
+    inputs = batch(processor, 2)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = LlamaAVSRForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.language_model.embed_tokens.weight.data_ptr()
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def test_config_round_trip(tmp_path):
+    from transformers import AutoConfig
+
+    config = tiny_config("vsr", "stack", audio_rate=3, video_rate=5, projector_layer_norm=True)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, LlamaAVSRConfig)
+    strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(loaded.to_dict()) == strip(config.to_dict())
+    assert loaded.audio_config is None and loaded.video_config.hidden_size == 16
+    assert loaded.prompt == "Transcribe video to text."
+
+
+def test_trust_remote_code_without_the_package(tmp_path):
+    """A process where `modeling_llama_avsr` cannot be imported still loads the saved folder."""
+    model, processor = build("avsr")
+    model.eval()
+    inputs = batch(processor, 1)
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
+    torch.save(expected, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import sys, importlib.abc
+        class Hide(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("modeling_llama_avsr", "trainer"):
+                    raise ImportError("hidden for this test: " + name)
+        sys.meta_path.insert(0, Hide())
+        sys.path = [p for p in sys.path if p not in ("", ".")]
+        import torch
+        from transformers import AutoModelForCausalLM, AutoProcessor
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
+        print("REMOTE_OK", type(processor).__name__)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert "REMOTE_OK LlamaAVSRProcessor" in result.stdout, result.stderr[-3000:]

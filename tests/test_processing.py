@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from modeling_llama_avsr import LlamaAVSRProcessor
+from modeling_llama_avsr.modeling_llama_avsr import compressed_length
+
+from tiny import random_clips, tiny_processor
+
+
+def test_sequence_layout_and_labels():
+    processor = tiny_processor("avsr", audio_rate=4, video_rate=2)
+    (audio, video), = random_clips(1, seconds=(1.0, 1.0))
+    out = processor(audio=[audio], videos=[video], text=["place blue at f two now"])
+    ids, labels = out["input_ids"][0].tolist(), out["labels"][0].tolist()
+    t, tok = processor.token_ids, processor.tokenizer
+    n_audio = compressed_length(compressed_length(16000 // 160, 2), 4)  # 100 mel frames -> 50 -> 13
+    n_video = compressed_length(25, 2)
+    expected_prefix = (
+        [tok.bos_token_id, t["audio_start_token_id"]] + [t["audio_token_id"]] * n_audio + [t["audio_end_token_id"]]
+        + [t["video_start_token_id"]] + [t["video_token_id"]] * n_video + [t["video_end_token_id"]]
+        + tok("transcribe speech to text .", add_special_tokens=False)["input_ids"]
+    )
+    target = tok("place blue at f two now", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert ids == expected_prefix + target
+    assert labels == [-100] * len(expected_prefix) + target
+    assert out["pixel_values_videos"].shape == (1, 25, 88, 88)
+    assert out["input_features"].shape == (1, 80, 3000)
+
+
+def test_video_normalisation_and_crop():
+    processor = tiny_processor("vsr")
+    video = np.zeros((3, 96, 100, 3), dtype=np.uint8)
+    video[:, 4:92, 6:94] = (255, 255, 255)  # the centre 88x88 is white, the border black
+    out = processor(videos=[video])
+    pixels = out["pixel_values_videos"][0]
+    white = (1.0 - 0.421) / 0.165
+    torch.testing.assert_close(pixels, torch.full_like(pixels, white), atol=1e-3, rtol=0)
+
+
+def test_left_padding_and_masks():
+    processor = tiny_processor("avsr")
+    clips = random_clips(2, seconds=(0.5, 1.5))
+    out = processor(audio=[a for a, _ in clips], videos=[v for _, v in clips])
+    mask = out["attention_mask"]
+    assert (mask[:, -1] == 1).all() and (mask[:, 0] == 0).any()
+    for i, (audio, video) in enumerate(clips):
+        assert out["video_attention_mask"][i].sum() == len(video)
+        assert out["feature_attention_mask"][i].sum() == int(np.ceil(len(audio) / 160))
+        assert (out["input_ids"][i] == processor.token_ids["video_token_id"]).sum() == compressed_length(len(video), 2)
+    assert "labels" not in out
+
+
+@pytest.mark.parametrize(
+    "audio,video,message",
+    [
+        (np.zeros(0, np.float32), None, "empty"),
+        (np.zeros((2, 1600), np.float32), None, "mono"),
+        (np.zeros(31 * 16000, np.float32), None, "30 s"),
+        (np.full(1600, np.nan, np.float32), None, "NaN"),
+        (None, np.zeros((0, 96, 96), np.uint8), "no frames"),
+        (None, np.zeros((5, 60, 60), np.uint8), "smaller than"),
+    ],
+)
+def test_bad_media_gets_a_clear_error(audio, video, message):
+    processor = tiny_processor("asr" if audio is not None else "vsr")
+    with pytest.raises(ValueError, match=message):
+        processor(audio=[audio] if audio is not None else None, videos=[video] if video is not None else None)
+
+
+def test_wrong_sampling_rate_is_refused():
+    processor = tiny_processor("asr")
+    with pytest.raises(ValueError, match="16000 Hz"):
+        processor(audio=[np.zeros(8000, np.float32)], sampling_rate=8000)
+
+
+def test_unencodable_transcript_is_refused():
+    processor = tiny_processor("asr")
+    (audio, _), = random_clips(1)
+    with pytest.raises(ValueError, match="cannot encode"):
+        processor(audio=[audio], text=["place zebra now"])
+
+
+def test_save_load_round_trip(tmp_path):
+    processor = tiny_processor("avsr", audio_rate=3, video_rate=5)
+    processor.save_pretrained(tmp_path)
+    loaded = LlamaAVSRProcessor.from_pretrained(tmp_path)
+    assert (loaded.modality, loaded.prompt, loaded.audio_compression_rate, loaded.video_compression_rate) == (
+        "avsr", "transcribe speech to text .", 3, 5,
+    )
+    clips = random_clips(2)
+    kwargs = dict(audio=[a for a, _ in clips], videos=[v for _, v in clips], text=["place blue", "red green"])
+    a, b = processor(**kwargs), loaded(**kwargs)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
 
@@ -53,6 +53,27 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
     else:
         raise ValueError(f"compression_type must be 'avg' or 'stack', got {kind!r}")
     return tokens, valid.amax(-1) > 0
+
+
+class LlamaAVSRWhisperEncoder(WhisperEncoder):
+    """Whisper's encoder on any log-mel window up to 30 s.
+
+    Whisper was pretrained on 30-s windows and transformers' encoder refuses anything else. The processor's default
+    (`audio_window="full"`) keeps that. With `audio_window="trimmed"` it pads only to the batch's longest clip, and
+    this forward runs the same layers on that shorter window: the real frames see less trailing silence, and a
+    3-s clip costs about a tenth of the full window. Parameter names are Whisper's, so checkpoints are unchanged."""
+
+    def forward(self, input_features: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
+        window = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        if input_features.shape[-1] > window:
+            raise ValueError(f"Whisper takes at most {window} log-mel frames (30 s), got {input_features.shape[-1]}")
+        hidden = nn.functional.gelu(self.conv1(input_features))
+        hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
+        hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        for layer in self.layers:  # no layerdrop: the encoder is frozen (and Whisper's layerdrop is 0)
+            hidden = layer(hidden, None)
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
 
 
 class LlamaAVSRProjector(nn.Module):
@@ -113,7 +134,7 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         self.audio_encoder = self.audio_projector = None
         self.video_encoder = self.video_projector = None
         if config.uses_audio:
-            self.audio_encoder = WhisperEncoder(config.audio_config)
+            self.audio_encoder = LlamaAVSRWhisperEncoder(config.audio_config)
             rate = config.audio_compression_rate if stack else 1
             self.audio_projector = LlamaAVSRProjector(
                 config.audio_config.d_model * rate, config.projector_hidden_size, d_llm, config.projector_layer_norm
@@ -150,7 +171,7 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
             return encoder(**inputs).last_hidden_state
 
     def get_audio_features(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None):
-        """(B, n_mels, 3000) log-mel with a (B, 3000) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
+        """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
         frames = self._encode(self.audio_encoder, input_features=input_features.to(encoder_dtype))
         if feature_attention_mask is None:

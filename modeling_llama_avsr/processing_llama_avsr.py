@@ -61,6 +61,8 @@ class LlamaAVSRProcessor(ProcessorMixin):
         modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate: as in the
             model's config; they decide the sequence layout and must match the model.
         video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
+        audio_window (`"full" | "trimmed"`): pad log-mel to Whisper's 30-s window (as pretrained, and as the reference
+            does) or only to the batch's longest clip (much faster; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
     """
@@ -76,9 +78,13 @@ class LlamaAVSRProcessor(ProcessorMixin):
         video_crop_size: int = 88,
         video_mean: float = 0.421,
         video_std: float = 0.165,
+        audio_window: str = "full",
         normalize_waveform: bool = False,
         **kwargs,
     ):
+        if audio_window not in ("full", "trimmed"):
+            raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
+        self.audio_window = audio_window
         if modality not in DEFAULT_PROMPTS:
             raise ValueError(f"modality must be one of {list(DEFAULT_PROMPTS)}, got {modality!r}")
         self.modality = modality
@@ -133,11 +139,17 @@ class LlamaAVSRProcessor(ProcessorMixin):
             if not np.isfinite(clip).all():
                 raise ValueError(f"audio clip {i} contains NaN or infinite samples")
             clips.append(clip)
+        window = int(MAX_AUDIO_SECONDS * SAMPLING_RATE)
+        if self.audio_window == "trimmed":
+            # One hop beyond the longest clip: the extractor drops the last STFT frame, which must be padding.
+            hop = self.feature_extractor.hop_length
+            window = min(window, (max(len(c) for c in clips) + hop - 1) // hop * hop + hop)
         features = self.feature_extractor(
             clips,
             sampling_rate=SAMPLING_RATE,
             return_attention_mask=True,
             padding="max_length",
+            max_length=window,
             do_normalize=self.normalize_waveform,
             return_tensors="pt",
         )

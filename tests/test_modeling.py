@@ -207,3 +207,27 @@ def test_trust_remote_code_without_the_package(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert "REMOTE_OK LlamaAVSRProcessor" in result.stdout, result.stderr[-3000:]
+
+
+def test_whisper_subclass_equals_transformers_encoder_on_full_window():
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = tiny_config("asr").audio_config
+    ours = LlamaAVSRForConditionalGeneration(tiny_config("asr")).model.audio_encoder.eval()
+    reference = WhisperEncoder(config).eval()
+    reference.load_state_dict(ours.state_dict())
+    features = torch.randn(2, 80, 3000)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(features).last_hidden_state, reference(features).last_hidden_state)
+        short = ours(features[:, :, :400]).last_hidden_state
+    assert short.shape == (2, 200, config.d_model)
+
+
+def test_trimmed_audio_window_trains_and_generates():
+    model, processor = build("asr")
+    processor.audio_window = "trimmed"
+    inputs = batch(processor, 2)
+    assert inputs["input_features"].shape[-1] < 3000
+    loss = model(**inputs).loss
+    loss.backward()
+    assert torch.isfinite(loss)

@@ -94,3 +94,17 @@ def test_save_load_round_trip(tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_trimmed_window_keeps_real_frames_and_token_counts():
+    full = tiny_processor("asr")
+    trimmed = tiny_processor("asr")
+    trimmed.audio_window = "trimmed"
+    clips = [a for a, _ in random_clips(2, seconds=(0.5, 1.5))]
+    a, b = full(audio=clips), trimmed(audio=clips)
+    assert b["input_features"].shape[-1] == -(-max(len(c) for c in clips) // 160) + 1
+    for i, clip in enumerate(clips):
+        frames = int(b["feature_attention_mask"][i].sum())
+        assert frames == int(a["feature_attention_mask"][i].sum())
+        torch.testing.assert_close(b["input_features"][i, :, :frames], a["input_features"][i, :, :frames])
+    torch.testing.assert_close(a["input_ids"], b["input_ids"])

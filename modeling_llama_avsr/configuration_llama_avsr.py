@@ -49,6 +49,8 @@ class LlamaAVSRConfig(PreTrainedConfig):
     """
 
     model_type = "llama_avsr"
+    # Trainer must not gather these at evaluation (hidden states are large and asked for by the decorrelation loss).
+    keys_to_ignore_at_inference = ["past_key_values", "hidden_states", "attentions"]
     sub_configs_defaults = {
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
         "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),

@@ -1,0 +1,268 @@
+"""AVSRTrainer: Trainer with the decorrelation loss (eq. 11), separate CE / decorrelation logs and WER evaluation.
+
+Batches are `LlamaAVSRProcessor` outputs with labels (left-padded; the collator may add more padding). Evaluation
+batches are the same teacher-forced batches: the eval loss uses them as they are, and the prompt-only inputs that
+`generate()` needs are rebuilt from them with `prompt_only` (the transcript and EOS are exactly the labelled tokens).
+"""
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from .decorrelation import decorrelation_loss
+from .metrics import word_error_rate
+from .training_args import AVSRTrainingArguments
+
+IGNORE_INDEX = -100
+# Keys of a teacher-forced batch that generate() must not see.
+TEACHER_FORCING_KEYS = ("labels", "logits_to_keep", "position_ids")
+
+
+def prefix_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) bool: attended positions before the first labelled one, i.e. BOS, markers, modality tokens and prompt.
+
+    The last prompt token predicts the first transcript token but carries no label itself, so it is prefix."""
+    attended = attention_mask.bool()
+    if labels is None:
+        return attended
+    return attended & (labels.ne(IGNORE_INDEX).cumsum(-1) == 0)
+
+
+def prompt_only(inputs: Mapping[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The generation inputs of a teacher-forced batch: each row keeps its attended unlabelled tokens, left-padded.
+
+    Equals what the processor returns for the same clips without `text`. Media tensors are passed through unchanged;
+    `labels` (and `logits_to_keep`, `position_ids`) are dropped. One host synchronisation (the new width), which is
+    fine at evaluation time.
+    """
+    input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    keep = attention_mask.bool()
+    if inputs.get("labels") is not None:
+        keep = keep & inputs["labels"].eq(IGNORE_INDEX)
+    counts = keep.sum(-1, keepdim=True)
+    width = int(counts.max())
+    # Kept tokens go, in order, to the right end of a row; dropped ones to a spare last column cut off afterwards.
+    target = torch.where(keep, width - counts + keep.long().cumsum(-1) - 1, width)
+    batch = input_ids.shape[0]
+    ids = input_ids.new_full((batch, width + 1), pad_token_id).scatter_(1, target, input_ids)
+    mask = attention_mask.new_zeros((batch, width + 1)).scatter_(1, target, keep.to(attention_mask.dtype))
+    generation_inputs = {k: v for k, v in inputs.items() if k not in TEACHER_FORCING_KEYS}
+    generation_inputs["input_ids"] = ids[:, :width].masked_fill(~mask[:, :width].bool(), pad_token_id)
+    generation_inputs["attention_mask"] = mask[:, :width]
+    return generation_inputs
+
+
+class LogitsToKeepCollator:
+    """Wraps a collator to add `logits_to_keep` = longest labelled span + 1 to left-padded labelled batches.
+
+    It runs in the data loader, on the host, before the batch moves to the device: the model then applies its LM head
+    to the labelled end of the rows only (the prefix needs no logits) without a device-to-host synchronisation.
+    """
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
+        if labels is None or "logits_to_keep" in batch or not isinstance(labels, torch.Tensor):
+            return batch
+        left_padded = attention_mask is None or bool(attention_mask[:, -1].all())
+        labelled = labels.ne(IGNORE_INDEX)
+        if left_padded and labelled.any() and labels.device.type == "cpu":
+            # The first labelled position needs the logits of the position before it (labels shift by one).
+            first = torch.where(labelled.any(-1), labelled.to(torch.uint8).argmax(-1), labels.shape[-1])
+            batch["logits_to_keep"] = int(labels.shape[-1] - first.min()) + 1
+        return batch
+
+
+class AVSRTrainer(Trainer):
+    """Trainer for `LlamaAVSRForConditionalGeneration`.
+
+    - loss: CE through the model (which honours `num_items_in_batch`) + `decorrelation_weight` * `decorrelation_loss`
+      of the hidden states, scaled like the CE under gradient accumulation and data parallelism;
+    - logs `ce_loss` and `decor_loss` next to `loss` (and `eval_ce_loss`, `eval_decor_loss`, `eval_wer` from
+      `evaluate()`; the decorrelation is always measured in evaluation, so a lambda = 0 baseline reports it too);
+    - evaluation decodes with `model.generate` from the prompt-only part of each batch (`prompt_only`) and, unless a
+      `compute_metrics` is given, reports corpus WER against the decoded labels.
+
+    Pass the processor as `processing_class`: it decodes predictions and gives the pad id. `eval_data_collator`, if
+    given, builds the batches of evaluate() and predict() (e.g. without augmentation); `data_collator` the training ones.
+    """
+
+    def __init__(self, model=None, args: AVSRTrainingArguments | None = None, *trainer_args,
+                 eval_data_collator=None, **kwargs):
+        if args is None:
+            args = AVSRTrainingArguments(output_dir="trainer_output")
+        elif not isinstance(args, AVSRTrainingArguments):
+            raise TypeError(f"AVSRTrainer needs AVSRTrainingArguments, got {type(args).__name__}")
+        super().__init__(model, args, *trainer_args, **kwargs)
+        # Training batches are augmented; evaluation ones are not, or carry a fixed noise condition.
+        self.eval_data_collator = eval_data_collator
+        if self.data_collator is not None and not isinstance(self.data_collator, LogitsToKeepCollator):
+            self.data_collator = LogitsToKeepCollator(self.data_collator)
+        if self.compute_metrics is None and self.processing_class is not None:
+            self.compute_metrics = self._word_error_rate
+        # Detached running sums of what compute_loss adds to the loss, per phase; reduced in log() / evaluation_loop.
+        self._aux_sums = {"train": {}, "eval": {}}
+        self._aux_counts = {"train": 0.0, "eval": 0.0}
+
+    # ---- loss ----------------------------------------------------------------------------------------------------
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        # The same decision training_step takes: if True, it will not divide our returned loss by the GA steps.
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        weight = self.args.decorrelation_weight
+        training = model.training
+        measure = weight > 0 or not training  # free in evaluation: no backward, hidden states are kept anyway
+        if measure:
+            inputs = {**inputs, "output_hidden_states": True}
+        # Trainer's own loss: the CE normalised by num_items_in_batch (the whole accumulation window, all processes)
+        # and multiplied by the number of processes, since DDP averages gradients.
+        ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss = ce
+        phase = "train" if training else "eval"
+        logged = {}
+        if training:
+            ga_steps = self.current_gradient_accumulation_steps
+            scaled = self._loss_is_scaled_for_ga(num_items_in_batch)
+            # Logged per micro-batch so that a window's contributions add up to that optimizer step's mean.
+            logged["ce_loss"] = ce.detach() if scaled else ce.detach() / ga_steps
+            step_fraction = 1.0 / ga_steps
+        else:
+            logged["ce_loss"] = ce.detach()
+            step_fraction = 1.0
+        if measure:
+            attention_mask = inputs.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(inputs["input_ids"])
+            token_mask = None
+            if self.args.decorrelation_tokens == "prefix":
+                token_mask = prefix_mask(attention_mask, inputs.get("labels"))
+            decor = decorrelation_loss(
+                outputs.hidden_states, attention_mask, token_mask, layers=self.args.decorrelation_layers
+            )
+            # A per-micro-batch mean, like the paper's loss. When the CE is normalised over the accumulation window
+            # training_step does not divide by the GA steps, so we do; it is not multiplied by the number of
+            # processes: DDP's gradient average already makes it the mean over processes.
+            if training and scaled:
+                decor_term = decor / ga_steps
+            else:
+                decor_term = decor
+            if weight > 0:
+                loss = loss + weight * decor_term
+            logged["decor_loss"] = decor_term.detach() if training else decor.detach()
+        self._accumulate(phase, logged, step_fraction)
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate(self, phase, values, count):
+        sums = self._aux_sums[phase]
+        for name, value in values.items():
+            sums[name] = sums[name] + value if name in sums else value
+        self._aux_counts[phase] += count
+
+    def _reduce_aux(self, phase) -> dict[str, float]:
+        """Mean over the steps (train) or batches (eval) since the last reduction, averaged over processes; resets.
+        Every process must call it (it gathers)."""
+        sums, count = self._aux_sums[phase], self._aux_counts[phase]
+        self._aux_sums[phase], self._aux_counts[phase] = {}, 0.0
+        if not sums or count == 0:
+            return {}
+        names = sorted(sums)
+        stacked = torch.stack([sums[name].float().reshape(()) for name in names]).to(self.args.device)
+        gathered = self.accelerator.gather(stacked.unsqueeze(0)).mean(0)
+        return {name: value / count for name, value in zip(names, gathered.tolist())}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs (the ones with "loss") get the CE and decorrelation parts of that same loss.
+        if "loss" in logs:
+            logs = {**logs, **self._reduce_aux("train")}
+        super().log(logs, start_time)
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _evaluation_collator(self):
+        if self.eval_data_collator is None:
+            yield
+            return
+        training_collator = self.data_collator
+        self.data_collator = LogitsToKeepCollator(self.eval_data_collator)
+        try:
+            yield
+        finally:
+            self.data_collator = training_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._aux_sums["eval"], self._aux_counts["eval"] = {}, 0.0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        for name, value in self._reduce_aux("eval").items():
+            output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Teacher-forced loss (if the batch has labels), then the generated transcript tokens as "predictions".
+
+        Only the new tokens come back, never logits or hidden states, so nothing large is gathered."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        loss = None
+        if labels is not None:
+            loss, _, _ = super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
+        if prediction_loss_only:
+            return loss, None, None
+        pad_token_id = self._pad_token_id()
+        if labels is not None:
+            generation_inputs = prompt_only(inputs, pad_token_id)
+        else:
+            generation_inputs = {k: v for k, v in inputs.items() if k not in TEACHER_FORCING_KEYS}
+        with torch.no_grad():
+            generated = self.accelerator.unwrap_model(model).generate(
+                **generation_inputs,
+                num_beams=self.args.generation_num_beams,
+                max_new_tokens=self.args.generation_max_new_tokens,
+                do_sample=False,  # a WER must not change from run to run (the original sampled)
+                pad_token_id=pad_token_id,
+            )
+        new_tokens = generated[:, generation_inputs["input_ids"].shape[1] :]
+        return loss, new_tokens, labels
+
+    def _pad_token_id(self) -> int:
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = self.model.generation_config.pad_token_id
+        if pad is None:
+            raise ValueError("No pad token id: pass the LlamaAVSRProcessor as processing_class")
+        return pad
+
+    def _word_error_rate(self, eval_prediction) -> dict[str, float]:
+        # Trainer pads predictions and labels across batches and processes with -100.
+        pad_token_id = self._pad_token_id()
+        predictions = np.where(eval_prediction.predictions == IGNORE_INDEX, pad_token_id, eval_prediction.predictions)
+        references = np.where(eval_prediction.label_ids == IGNORE_INDEX, pad_token_id, eval_prediction.label_ids)
+        decode = self.processing_class.batch_decode
+        return {"wer": word_error_rate(decode(predictions, skip_special_tokens=True),
+                                       decode(references, skip_special_tokens=True))}
+
+
+__all__ = ["AVSRTrainer", "prompt_only"]

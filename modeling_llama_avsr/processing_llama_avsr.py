@@ -187,10 +187,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
     # ---- text ----------------------------------------------------------------------------------------------------
 
     def _encode_text(self, text: str, what: str):
+        if not text.strip():
+            raise ValueError(f"{what} is empty")
         ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         unk = self.tokenizer.unk_token_id
-        if unk is not None and unk in ids:
-            raise ValueError(f"{what} {text!r} holds characters the tokenizer cannot encode (they map to unknown)")
+        # Byte-level tokenizers never produce unknown tokens, but may still not round-trip (e.g. a normaliser drops
+        # characters): either way the model would be trained on, or scored against, a different text.
+        if (unk is not None and unk in ids) or self.tokenizer.decode(ids).strip() != " ".join(text.split()):
+            raise ValueError(f"{what} {text!r} holds characters the tokenizer cannot encode exactly")
         return ids
 
     def _sequence(self, num_audio: int | None, num_video: int | None, target_ids: list[int] | None):

@@ -1,14 +1,11 @@
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from modeling_llama_avsr import LlamaAVSRConfig, LlamaAVSRForConditionalGeneration
 from modeling_llama_avsr.modeling_llama_avsr import compress
 
-from tiny import WORDS, random_clips, tiny_config, tiny_processor, tiny_tokenizer
+from remote_code import remote_logits_match
+from tiny import random_clips, tiny_config, tiny_processor, tiny_tokenizer
 
 MODES = [("asr", "avg"), ("vsr", "avg"), ("avsr", "avg"), ("asr", "stack"), ("vsr", "stack"), ("avsr", "stack")]
 TARGETS = ["place blue at f two now", "red green by one", "place red in three now", "blue at two"]
@@ -182,31 +179,9 @@ def test_trust_remote_code_without_the_package(tmp_path):
     processor.save_pretrained(tmp_path)
     with torch.no_grad():
         expected = model(**inputs).logits
-    torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, importlib.abc
-        class Hide(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("modeling_llama_avsr", "trainer"):
-                    raise ImportError("hidden for this test: " + name)
-        sys.meta_path.insert(0, Hide())
-        sys.path = [p for p in sys.path if p not in ("", ".")]
-        import torch
-        from transformers import AutoModelForCausalLM, AutoProcessor
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-        with torch.no_grad():
-            logits = model(**inputs).logits
-        torch.testing.assert_close(logits, torch.load({str(tmp_path / "expected.pt")!r}))
-        print("REMOTE_OK", type(processor).__name__)
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
-    assert "REMOTE_OK LlamaAVSRProcessor" in result.stdout, result.stderr[-3000:]
+    check = "assert type(processor).__name__ == 'LlamaAVSRProcessor'"
+    result = remote_logits_match(tmp_path, inputs, expected, check)
+    assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]
 
 
 def test_whisper_subclass_equals_transformers_encoder_on_full_window():

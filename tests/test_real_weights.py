@@ -1,13 +1,10 @@
 """The foundation on the real offline weights: SmolLM2-135M + Whisper tiny.en composed into an ASR model."""
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
 from modeling_llama_avsr import LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
+from remote_code import remote_logits_match
 
 pytestmark = pytest.mark.slow
 
@@ -92,27 +89,6 @@ def test_save_load_and_remote_code(asr, speech, tmp_path):
     loaded = LlamaAVSRForConditionalGeneration.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, expected)
-    torch.save(dict(inputs), tmp_path / "inputs.pt")
-    torch.save(expected, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import sys, importlib.abc
-        class Hide(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("modeling_llama_avsr", "trainer"):
-                    raise ImportError("hidden for this test: " + name)
-        sys.meta_path.insert(0, Hide())
-        sys.path = [p for p in sys.path if p not in ("", ".")]
-        import torch
-        from transformers import AutoModelForCausalLM, AutoProcessor
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
-        inputs = torch.load({str(tmp_path / "inputs.pt")!r})
-        with torch.no_grad():
-            torch.testing.assert_close(model(**inputs).logits, torch.load({str(tmp_path / "expected.pt")!r}))
-        assert processor.tokenizer.bos_token == "<|im_start|>"
-        print("REMOTE_OK")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    check = "assert processor.tokenizer.bos_token == '<|im_start|>'"
+    result = remote_logits_match(tmp_path, inputs, expected, check)
     assert "REMOTE_OK" in result.stdout, result.stderr[-3000:]

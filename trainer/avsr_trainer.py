@@ -10,7 +10,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer
+from transformers.trainer_utils import seed_worker
 
 from .decorrelation import decorrelation_loss
 from .metrics import word_error_rate
@@ -187,6 +189,27 @@ class AVSRTrainer(Trainer):
         if "loss" in logs:
             logs = {**logs, **self._reduce_aux("train")}
         super().log(logs, start_time)
+
+    # ---- batching ------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self):
+        """Fixed batch sizes (Trainer's own), or batches filled up to `max_frames_per_batch` video frames."""
+        if self.args.max_frames_per_batch is None:
+            return super().get_train_dataloader()
+        from modeling_llama_avsr.data.sampler import MaxFramesBatchSampler
+
+        sampler = MaxFramesBatchSampler(
+            self.train_dataset["num_frames"], self.args.max_frames_per_batch, num_replicas=self.args.world_size,
+            seed=self.args.seed, drop_last=self.args.dataloader_drop_last,
+        )
+        workers = self.args.dataloader_num_workers
+        loader = DataLoader(
+            self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and workers > 0,
+            worker_init_fn=partial(seed_worker, num_workers=workers, rank=self.args.process_index),
+        )
+        return self.accelerator.prepare(loader)  # accelerate deals the batches out to the processes
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ class AVSRTrainingArguments(TrainingArguments):
         original code does.
     decorrelation_tokens (`"all"` | `"prefix"`): penalise every attended non-BOS token (eq. 10), or only the prefix
         (markers, modality tokens, prompt: the tokens without labels), as the original code does.
+    max_frames_per_batch (`int`, *optional*): batches filled up to this many padded video frames (`MaxFramesBatchSampler`).
     generation_num_beams, generation_max_new_tokens: decoding for the WER computed by `evaluate()`.
     """
 
@@ -32,6 +33,11 @@ class AVSRTrainingArguments(TrainingArguments):
         default="all",
         metadata={"help": "Tokens penalised: 'all' attended non-BOS tokens (eq. 10) or the unlabelled 'prefix'.",
                   "choices": list(DECORRELATION_TOKENS)},
+    )
+    max_frames_per_batch: int | None = field(
+        default=None,
+        metadata={"help": "Fill training batches up to this many (padded) video frames over length buckets, like the "
+                          "original's max-frames batching; needs a `num_frames` column. None: fixed batch sizes."},
     )
     generation_num_beams: int = field(default=1, metadata={"help": "Beams for evaluation decoding."})
     generation_max_new_tokens: int = field(default=32, metadata={"help": "New tokens at most for evaluation decoding."})
@@ -55,6 +61,8 @@ class AVSRTrainingArguments(TrainingArguments):
         if self.decorrelation_tokens not in DECORRELATION_TOKENS:
             raise ValueError(f"decorrelation_tokens must be one of {DECORRELATION_TOKENS}, got "
                              f"{self.decorrelation_tokens!r}")
+        if self.max_frames_per_batch is not None and self.max_frames_per_batch < 1:
+            raise ValueError(f"max_frames_per_batch must be >= 1, got {self.max_frames_per_batch}")
         if self.generation_num_beams < 1 or self.generation_max_new_tokens < 1:
             raise ValueError("generation_num_beams and generation_max_new_tokens must be >= 1")
 

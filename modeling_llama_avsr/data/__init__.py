@@ -3,18 +3,45 @@
 Nothing here imports espeak-ng (GPL) at import time; `tts.synthesize` loads it on first use.
 """
 
-from .loading import MediaError, load_manifest, load_synthetic, read_audio, read_video
+from .loading import (
+    MediaError,
+    MediaInfo,
+    TranscriptError,
+    align_audio_to_video,
+    check_transcript,
+    load_manifest,
+    load_synthetic,
+    probe_media,
+    read_audio,
+    read_audio_video,
+    read_video,
+)
+from .lrs import LRSReport, load_lrs, read_lrs_transcript
+from .preprocess import add_preprocess_arguments, run_preprocess
 from .resample import resample
+from .sampler import MaxFramesBatchSampler
 from .synthetic import add_make_corpus_arguments, make_corpus, run_make_corpus
 
 __all__ = [
+    "LRSReport",
+    "MaxFramesBatchSampler",
     "MediaError",
+    "MediaInfo",
+    "TranscriptError",
     "add_make_corpus_arguments",
+    "add_preprocess_arguments",
+    "align_audio_to_video",
+    "check_transcript",
+    "load_lrs",
     "load_manifest",
     "load_synthetic",
     "make_corpus",
+    "probe_media",
     "read_audio",
+    "read_audio_video",
+    "read_lrs_transcript",
     "read_video",
     "resample",
     "run_make_corpus",
+    "run_preprocess",
 ]

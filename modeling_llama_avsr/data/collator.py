@@ -114,7 +114,7 @@ class AVSRDataCollator:
         if processor.uses_audio:
             audio = [self._noisy(read_audio(row["audio_path"]), row) for row in rows]
         if processor.uses_video:
-            videos = [read_video(row["video_path"]) for row in rows]
+            videos = [read_video(row["video_path"], min_size=processor.video_crop_size) for row in rows]
             if self.train:
                 size = processor.video_crop_size
                 videos = [random_crop(v, size, self._rng) for v in videos]

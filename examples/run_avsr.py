@@ -8,6 +8,8 @@ given on the command line, or all of them in one JSON/YAML file: `python example
     python examples/run_avsr.py                                    # ASR, lambda = 0
     python examples/run_avsr.py --decorrelation_weight 100         # with the paper's decorrelation loss
     python examples/run_avsr.py --modality avsr --train_noise babble --eval_noise babble --eval_snr_db 0
+    python examples/run_avsr.py --dataset lrs3 --data_dir /data/lrs3 --train_split trainval --max_duration 16 \
+        --text_model meta-llama/Llama-3.2-3B --audio_encoder openai/whisper-medium.en --video_encoder DIR
 """
 
 import json
@@ -21,7 +23,7 @@ import torch
 from transformers import HfArgumentParser, set_seed
 
 from modeling_llama_avsr import AVHubertConfig, LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
-from modeling_llama_avsr.data import load_synthetic, make_corpus
+from modeling_llama_avsr.data import load_lrs, load_synthetic, make_corpus
 from modeling_llama_avsr.data.collator import AVSRDataCollator, NoiseSpec
 from trainer import AVSRTrainer, AVSRTrainingArguments
 
@@ -51,7 +53,14 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_dir: str = field(default="outputs/synthetic_corpus", metadata={"help": "Synthetic corpus (made if absent)."})
+    dataset: str = field(default="synthetic", metadata={"choices": ["synthetic", "lrs2", "lrs3"]})
+    data_dir: str = field(
+        default="outputs/synthetic_corpus",
+        metadata={"help": "Synthetic corpus (made if absent), or the LRS2/LRS3 root (see load_lrs)."},
+    )
+    train_split: str = field(default="train", metadata={"help": "LRS split to train on (e.g. trainval, pretrain)."})
+    test_split: str = "test"
+    max_duration: float | None = field(default=None, metadata={"help": "Drop longer LRS clips (seconds)."})
     num_train: int = 1200
     num_validation: int = 100
     num_test: int = 200
@@ -127,12 +136,18 @@ def main(argv=None):
     set_seed(training_args.seed)
     start = time.perf_counter()
 
-    corpus = make_corpus(
-        data_args.data_dir, num_train=data_args.num_train, num_validation=data_args.num_validation,
-        num_test=data_args.num_test, seed=data_args.corpus_seed, num_workers=data_args.corpus_workers,
-    )
+    if data_args.dataset == "synthetic":
+        corpus = make_corpus(
+            data_args.data_dir, num_train=data_args.num_train, num_validation=data_args.num_validation,
+            num_test=data_args.num_test, seed=data_args.corpus_seed, num_workers=data_args.corpus_workers,
+        )
+        train_set, test_set = load_synthetic(corpus, "train"), load_synthetic(corpus, "test")
+    else:
+        corpus = data_args.data_dir
+        lrs = dict(dataset=data_args.dataset, max_duration=data_args.max_duration)
+        train_set = load_lrs(corpus, split=data_args.train_split, **lrs)
+        test_set = load_lrs(corpus, split=data_args.test_split, **lrs)
     corpus_seconds = time.perf_counter() - start
-    train_set, test_set = load_synthetic(corpus, "train"), load_synthetic(corpus, "test")
 
     model, processor = build(model_args)
     babble = list(train_set["audio_path"])
@@ -180,7 +195,7 @@ def main(argv=None):
     print(f"model      : {model_args.text_model} + {model_args.audio_encoder} ({model_args.modality.upper()}, "
           f"{model_args.compression_type} {model_args.audio_compression_rate}/{model_args.video_compression_rate}), "
           f"lambda = {training_args.decorrelation_weight:g}")
-    print(f"data       : {len(train_set)} train / {len(test_set)} test synthetic utterances ({corpus})")
+    print(f"data       : {len(train_set)} train / {len(test_set)} test {data_args.dataset} utterances ({corpus})")
     for name, r in results.items():
         print(f"test {name:<10}: WER {100 * r['test_wer']:.2f}%  CE {r['test_ce_loss']:.4f}  "
               f"decorrelation {r.get('test_decor_loss', float('nan')):.4f}")

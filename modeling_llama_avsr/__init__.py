@@ -8,6 +8,7 @@ from .configuration_avhubert import AVHubertConfig
 from .configuration_llama_avsr import LlamaAVSRConfig
 from .modeling_avhubert import AVHubertModel
 from .modeling_llama_avsr import LlamaAVSRForConditionalGeneration, LlamaAVSRModel, LlamaAVSRPreTrainedModel
+from .pipeline_llama_avsr import AudioVisualSpeechRecognitionPipeline, register_pipeline
 from .processing_llama_avsr import LlamaAVSRProcessor
 
 __version__ = "0.1.0"
@@ -21,12 +22,16 @@ AutoModel.register(LlamaAVSRConfig, LlamaAVSRModel, exist_ok=True)
 AutoModelForCausalLM.register(LlamaAVSRConfig, LlamaAVSRForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(LlamaAVSRConfig, LlamaAVSRProcessor, exist_ok=True)
 
+# pipeline("audio-visual-speech-recognition", model=...) for installed users.
+register_pipeline()
+
 LlamaAVSRConfig.register_for_auto_class()
 LlamaAVSRForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
 LlamaAVSRModel.register_for_auto_class("AutoModel")
 LlamaAVSRProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
+    "AudioVisualSpeechRecognitionPipeline",
     "AVHubertConfig",
     "AVHubertModel",
     "LlamaAVSRConfig",

@@ -1,4 +1,4 @@
-"""`llama-avsr` command line: convert offline weights, make the synthetic corpus, the untrained demo, analysis."""
+"""`llama-avsr` command line: transcribe, analyze, make-corpus, preprocess, convert, demo."""
 
 import argparse
 import logging
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     from .convert.offline import add_convert_arguments, run_convert
     from .data.preprocess import add_preprocess_arguments, run_preprocess
     from .data.synthetic import add_make_corpus_arguments, run_make_corpus
+    from .pipeline_llama_avsr import add_transcribe_arguments, run_transcribe
 
     parser = argparse.ArgumentParser(prog="llama-avsr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -62,6 +63,7 @@ def main(argv=None) -> int:
         ("make-corpus", add_make_corpus_arguments, run_make_corpus, "synthesise the audio-visual corpus"),
         ("preprocess", add_preprocess_arguments, run_preprocess,
          "raw LRS face videos -> 96x96 mouth crops + wavs (auto_avsr layout)"),
+        ("transcribe", add_transcribe_arguments, run_transcribe, "transcribe media files with a saved model"),
         ("demo", add_demo_arguments, run_demo, "real weights, untrained projector: the data path end to end"),
         ("analyze", add_analyze_arguments, run_analyze, "attention sinks and massive activations: report + figures"),
     ):

@@ -308,9 +308,15 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         self.model.train(self.training)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A light checkpoint (hub.py) holds only the trained tensors: compose the base it names, then load them.
+        from .hub import light_weights_file, load_light_checkpoint
+
+        light = light_weights_file(pretrained_model_name_or_path, **kwargs)
+        if light is not None and not args:
+            return load_light_checkpoint(cls, pretrained_model_name_or_path, light, **kwargs)
         # Loading materialises parameters anew (all trainable): restore what is frozen and the encoders' eval mode.
-        model = super().from_pretrained(*args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model._set_trainable()
         return model
 
@@ -342,6 +348,7 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         tokenizer, token_ids = load_component_tokenizer(text_model)
         text_path = resolve_component(text_model)
         llm = AutoModelForCausalLM.from_pretrained(text_path, dtype=dtype or torch.float32)
+        text_vocab_size = llm.config.vocab_size
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
 
         needs_audio, needs_video = modality in ("asr", "avsr"), modality in ("vsr", "avsr")
@@ -369,6 +376,13 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
             **token_ids,
             **config_kwargs,
         )
+        # What the base was composed from, so that a light checkpoint (hub.py) can name it.
+        config.base_components = {
+            "text_model": str(text_model),
+            "audio_encoder": str(audio_encoder) if needs_audio else None,
+            "video_encoder": str(video_encoder) if needs_video and video_state is not None else None,
+            "text_vocab_size": text_vocab_size,
+        }
         model = cls(config)
         _load_wrapped(model.model.language_model, llm.model.state_dict())
         model.lm_head.weight.data.copy_(llm.get_output_embeddings().weight.data)

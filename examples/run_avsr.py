@@ -62,7 +62,7 @@ class DataArguments:
     test_split: str = "test"
     max_duration: float | None = field(default=None, metadata={"help": "Drop longer LRS clips (seconds)."})
     num_train: int = 1200
-    num_validation: int = 100
+    num_validation: int = 50
     num_test: int = 200
     corpus_workers: int = 2
     corpus_seed: int = 0
@@ -117,8 +117,8 @@ def parse_args(argv):
     parser = HfArgumentParser((ModelArguments, DataArguments, AVSRTrainingArguments))
     defaults = dict(
         output_dir="outputs/run_avsr", per_device_train_batch_size=8, per_device_eval_batch_size=32,
-        learning_rate=1e-3, lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.1, adam_beta2=0.98,
-        max_grad_norm=10.0, num_train_epochs=2, logging_steps=10, eval_strategy="no", save_strategy="no",
+        learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.1, adam_beta2=0.98,
+        max_grad_norm=10.0, num_train_epochs=3, logging_steps=10, eval_strategy="no", save_strategy="no",
         report_to="none", bf16=False, train_sampling_strategy="group_by_length", length_column_name="duration",
         dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available(),
     )

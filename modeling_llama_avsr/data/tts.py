@@ -9,13 +9,15 @@ alignment). A phoneme ends where the next event starts; trailing silence belongs
 
 The library is initialised once per process (a second espeak_Initialize hung in an earlier test) and is not
 thread-safe: use processes, not threads, for parallel synthesis. Each utterance is synthesised in a fork of the
-freshly initialised engine, which makes the samples a pure function of (text, voice, rate, pitch).
+freshly initialised engine with espeak-ng's random generator seeded from the utterance, which makes the samples a pure function of
+(text, voice, rate, pitch).
 """
 
 import ctypes
 import logging
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,6 +151,9 @@ class _Espeak:
         if pid == 0:  # child: synthesise, send, and leave without running the parent's exit handlers
             try:
                 os.close(read_fd)
+                # Voice variants with breath noise (e.g. "+f2") draw from espeak-ng's own random generator, whose
+                # state the child would inherit from whatever the parent did before: seed it from the utterance.
+                self.lib.espeak_ng_SetRandSeed(ctypes.c_long(zlib.crc32(f"{voice}|{rate}|{pitch}|{text}".encode())))
                 try:
                     payload = pickle.dumps(self.synth(text, voice, rate, pitch))
                 except Exception as e:

@@ -66,6 +66,7 @@ class DataArguments:
     num_test: int = 200
     corpus_workers: int = 2
     corpus_seed: int = 0
+    overwrite_corpus: bool = field(default=False, metadata={"help": "Rebuild a corpus made with other parameters."})
     train_noise: str = field(default="none", metadata={"choices": ["none", "babble", "white"]})
     eval_noise: str = field(default="none", metadata={"choices": ["none", "babble", "white"]})
     eval_snr_db: float = 0.0
@@ -140,6 +141,7 @@ def main(argv=None):
         corpus = make_corpus(
             data_args.data_dir, num_train=data_args.num_train, num_validation=data_args.num_validation,
             num_test=data_args.num_test, seed=data_args.corpus_seed, num_workers=data_args.corpus_workers,
+            overwrite=data_args.overwrite_corpus,
         )
         train_set, test_set = load_synthetic(corpus, "train"), load_synthetic(corpus, "test")
     else:

@@ -197,23 +197,20 @@ class LlamaAVSRProcessor(ProcessorMixin):
             raise ValueError(f"{what} {text!r} holds characters the tokenizer cannot encode exactly")
         return ids
 
-    def _sequence(self, num_audio: int | None, num_video: int | None, target_ids: list[int] | None):
+    def _sequence(self, num_audio: int | None, num_video: int | None, prompt_ids: list[int],
+                  target_ids: list[int] | None):
         ids = [self.tokenizer.bos_token_id]
         t = self.token_ids
         if num_audio is not None:
             ids += [t["audio_start_token_id"]] + [t["audio_token_id"]] * num_audio + [t["audio_end_token_id"]]
         if num_video is not None:
             ids += [t["video_start_token_id"]] + [t["video_token_id"]] * num_video + [t["video_end_token_id"]]
-        ids += self._prompt_ids
+        ids += prompt_ids
         labels = [-100] * len(ids)
         if target_ids is not None:
             target_ids = target_ids + [self.tokenizer.eos_token_id]
             ids, labels = ids + target_ids, labels + target_ids
         return ids, labels
-
-    @property
-    def _prompt_ids(self):
-        return self._encode_text(self.prompt, "prompt")
 
     def __call__(
         self,
@@ -256,10 +253,11 @@ class LlamaAVSRProcessor(ProcessorMixin):
         if self.uses_video:
             data["pixel_values_videos"], data["video_attention_mask"], video_tokens = self._video_frames(videos)
 
+        prompt_ids = self._encode_text(self.prompt, "prompt")  # once per batch: it is checked by a round trip
         sequences = []
         for i in range(batch_size):
             target = self._encode_text(" " + text[i].strip(), f"transcript {i}") if text is not None else None
-            sequences.append(self._sequence(audio_tokens[i], video_tokens[i], target))
+            sequences.append(self._sequence(audio_tokens[i], video_tokens[i], prompt_ids, target))
         longest = max(len(ids) for ids, _ in sequences)
         input_ids = torch.full((batch_size, longest), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros(batch_size, longest, dtype=torch.long)

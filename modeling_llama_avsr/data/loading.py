@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..processing_llama_avsr import LUMA_WEIGHTS  # ITU-R BT.601, as OpenCV and auto_avsr convert
 from .resample import resample
 
 __all__ = [
@@ -264,11 +265,10 @@ def read_audio(path, target_sr: int = SAMPLE_RATE, max_seconds: float | None = M
 
 # ---- video -----------------------------------------------------------------------------------------------------------
 
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as OpenCV and auto_avsr convert
 
 
 def _to_gray(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(rgb.astype(np.float32) @ _LUMA), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(rgb.astype(np.float32) @ LUMA_WEIGHTS), 0, 255).astype(np.uint8)
 
 
 def _decode_decord(path: Path, chunk: int = 64) -> np.ndarray:

@@ -177,6 +177,11 @@ def main(argv=None):
 
     final_dir = Path(training_args.output_dir) / "final"
     trainer.save_model(final_dir)
+    # Under torchrun every process gets here; one writes the processor and the summary, all leave the process
+    # group cleanly (an undestroyed gloo/NCCL group can abort the interpreter at exit).
+    trainer.accelerator.end_training()
+    if not trainer.is_world_process_zero():
+        return None
     processor.save_pretrained(final_dir)
     summary = {
         "modality": model_args.modality,

@@ -287,6 +287,7 @@ def distributed_worker(output_dir: str):
     if trainer.args.process_index == 0:
         torch.save({"grads": capture.grads, "log": trainer.state.log_history[0], "metrics": metrics},
                    os.path.join(output_dir, "rank0.pt"))
+    trainer.accelerator.end_training()  # leave the gloo group before exit: a live one can abort the interpreter
 
 
 def free_port():

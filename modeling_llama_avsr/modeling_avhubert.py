@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, TokenClassifierOutput
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_avhubert import AVHubertConfig
@@ -378,4 +378,40 @@ class AVHubertModel(AVHubertPreTrainedModel):
         return outputs if return_dict else outputs.to_tuple()
 
 
-__all__ = ["AVHubertPreTrainedModel", "AVHubertModel"]
+class AVHubertForFrameClassification(AVHubertPreTrainedModel):
+    r"""
+    AV-HuBERT with a linear classifier on every 25 Hz frame, like `HubertForSequenceClassification`'s frame-level
+    cousin `Wav2Vec2ForAudioFrameClassification`. AV-HuBERT itself is pretrained by predicting a cluster id per frame;
+    a frame classifier trained on visible labels (e.g. visemes) is the supervised analogue, which is how the offline
+    default gets a lip encoder without released weights (`examples/pretrain_lip_encoder.py`). `self.avhubert` is a
+    plain `AVHubertModel`: save it on its own to use it as LlamaAVSR's video encoder.
+    """
+
+    def __init__(self, config: AVHubertConfig):
+        super().__init__(config)
+        self.avhubert = AVHubertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values_videos: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ) -> TokenClassifierOutput:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, num_frames)`, *optional*):
+            Class per frame; -100 (e.g. at padding) is ignored. The loss is the mean cross-entropy over labelled
+            frames.
+        """
+        hidden = self.avhubert(pixel_values_videos, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+__all__ = ["AVHubertPreTrainedModel", "AVHubertModel", "AVHubertForFrameClassification"]

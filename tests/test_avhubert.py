@@ -245,3 +245,39 @@ def test_large_parameter_count():
     assert total == transformer + resnet + fusion
     # AV-HuBERT Large is reported as 325M parameters (Shi et al., 2022).
     assert math.isclose(total, 325e6, rel_tol=0.005)
+
+
+def test_frame_classification_loss_ignores_padding_and_base_model_round_trips(tmp_path):
+    from modeling_llama_avsr.modeling_avhubert import AVHubertForFrameClassification
+
+    torch.manual_seed(3)
+    model = AVHubertForFrameClassification(tiny_config(num_labels=5)).eval()
+    video = torch.randn(2, 1, 7, 88, 88)
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3])
+    labels = torch.randint(0, 5, (2, 7)).masked_fill(mask == 0, -100)
+    out = model(video, attention_mask=mask, labels=labels)
+    assert out.logits.shape == (2, 7, 5)
+    # Independent: per-sample logits from the unpadded clips, mean CE over the 11 real frames.
+    logits = [model(video[i : i + 1, :, : int(n)]).logits[0] for i, n in enumerate(mask.sum(1))]
+    targets = torch.cat([labels[0], labels[1, :4]])
+    expected = F.cross_entropy(torch.cat(logits), targets)
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+    # The encoder alone saves as a plain AVHubertModel (what LlamaAVSR loads as its video encoder).
+    model.avhubert.save_pretrained(tmp_path)
+    encoder = AVHubertModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(video, attention_mask=mask).last_hidden_state,
+                                   model.avhubert(video, attention_mask=mask).last_hidden_state)
+
+    # A few steps on one batch fit it: the head and the encoder both learn.
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(25):
+        loss = model(video, attention_mask=mask, labels=labels).loss
+        first = loss.item() if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first

@@ -7,7 +7,9 @@ given on the command line, or all of them in one JSON/YAML file: `python example
 
     python examples/run_avsr.py                                    # ASR, lambda = 0
     python examples/run_avsr.py --decorrelation_weight 100         # with the paper's decorrelation loss
-    python examples/run_avsr.py --modality avsr --train_noise babble --eval_noise babble --eval_snr_db 0
+    python examples/pretrain_lip_encoder.py                        # offline stand-in for AV-HuBERT weights
+    python examples/run_avsr.py --modality avsr --video_encoder outputs/lip_encoder/final \
+        --train_noise babble --eval_noise babble --eval_snr_db 0
     python examples/run_avsr.py --dataset lrs3 --data_dir /data/lrs3 --train_split trainval --max_duration 16 \
         --text_model meta-llama/Llama-3.2-3B --audio_encoder openai/whisper-medium.en --video_encoder DIR
 """
@@ -36,7 +38,9 @@ class ModelArguments:
     text_model: str = field(default="smollm2-135m", metadata={"help": "Causal LM: Hub id, folder or offline name."})
     audio_encoder: str = field(default="whisper-tiny.en", metadata={"help": "Whisper: Hub id, folder, offline name."})
     video_encoder: str | None = field(
-        default=None, metadata={"help": "AV-HuBERT folder; default: a small random encoder, trained (none offline)."}
+        default=None,
+        metadata={"help": "AV-HuBERT folder, loaded frozen (offline: examples/pretrain_lip_encoder.py makes one); "
+                          "default: a small random encoder, trained with the rest."},
     )
     modality: str = field(default="asr", metadata={"choices": ["asr", "vsr", "avsr"]})
     compression_type: str = field(default="avg", metadata={"choices": ["avg", "stack"]})

@@ -42,6 +42,7 @@ class LipArguments:
     num_validation: int = 50
     num_test: int = 200
     corpus_workers: int = 2
+    corpus_seed: int = 0
 
 
 def frame_visemes(record: dict, num_frames: int) -> np.ndarray:
@@ -121,7 +122,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(training_args.seed)
     corpus = make_corpus(args.data_dir, num_train=args.num_train, num_validation=args.num_validation,
-                         num_test=args.num_test, num_workers=args.corpus_workers)
+                         num_test=args.num_test, seed=args.corpus_seed, num_workers=args.corpus_workers)
     train_set, validation_set = load_synthetic(corpus, "train"), load_synthetic(corpus, "validation")
 
     config = small_video_encoder()

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
@@ -41,3 +42,30 @@ def test_viseme_collator_on_corpus_clips(tmp_path):
     augmented = VisemeCollator(processor, train=True, seed=1)(rows)
     assert not torch.equal(batch["pixel_values_videos"], augmented["pixel_values_videos"])
     assert np.isfinite(augmented["pixel_values_videos"].numpy()).all()
+
+
+@pytest.mark.slow
+def test_pretrain_script_saves_an_encoder_that_llama_avsr_loads_frozen(tmp_path):
+    from pretrain_lip_encoder import main
+
+    from modeling_llama_avsr import AVHubertModel, LlamaAVSRForConditionalGeneration
+
+    corpus = make_corpus(tmp_path / "corpus", num_train=4, num_validation=2, num_test=1, seed=6, progress=False)
+    out = tmp_path / "lip"
+    metrics = main([
+        "--data_dir", str(corpus), "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--per_device_eval_batch_size", "2", "--num_train", "4", "--num_validation", "2", "--num_test", "1",
+        "--corpus_seed", "6", "--disable_tqdm", "true",
+    ])
+    report = json.loads((out / "final" / "pretraining.json").read_text())
+    assert 0.0 <= report["validation_frame_accuracy"] <= 1.0
+    assert report["validation_frame_accuracy"] == metrics["eval_frame_accuracy"]
+
+    encoder = AVHubertModel.from_pretrained(out / "final")
+    model = LlamaAVSRForConditionalGeneration.from_components(
+        text_model="smollm2-135m", audio_encoder="whisper-tiny.en", video_encoder=str(out / "final"), modality="avsr",
+    )
+    video_encoder = model.model.video_encoder
+    assert not any(p.requires_grad for p in video_encoder.parameters())  # a given encoder is frozen, like AV-HuBERT
+    for (name, a), b in zip(encoder.state_dict().items(), video_encoder.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,6 +1,7 @@
 """Fast tests of trainer/: decorrelation loss against a plain loop over eq. 10, WER, prompt rebuilding, and the
 Trainer's scaling under gradient accumulation, two processes and checkpoint resumption (tiny configs, CPU)."""
 
+import math
 import os
 import socket
 import subprocess
@@ -363,3 +364,26 @@ def test_train_logs_and_evaluate_reports_wer(tmp_path):
     assert all("decor_loss" not in log for log in baseline_logs if "loss" in log)  # lambda = 0: not computed
     assert baseline["eval_loss"] == pytest.approx(baseline["eval_ce_loss"], rel=1e-5)
     assert metrics["eval_decor_loss"] < 0.5 * baseline["eval_decor_loss"], (metrics, baseline)
+
+
+def test_max_frames_batches_through_trainer(tmp_path):
+    # The max-frames path builds its own DataLoader over the dataset's `num_frames` column.
+    import datasets
+
+    clips = Clips(6, seconds=(0.3, 1.2))
+    frames = [len(video) for _, video in clips.clips]
+    table = datasets.Dataset.from_dict({"index": list(range(6)), "num_frames": frames})
+    trainer = make_trainer(tmp_path, table, max_frames_per_batch=48, max_steps=-1, num_train_epochs=1)
+    inner, batches = trainer.data_collator, []
+
+    def collate(rows):
+        batches.append([row["index"] for row in rows])
+        return inner([clips[row["index"]] for row in rows])
+
+    trainer.data_collator = collate
+    trainer.train()
+    assert sorted(i for batch in batches for i in batch) == list(range(6))  # every clip once in the epoch
+    for batch in batches:  # padded frames (lengths rounded up to 5) within the budget, or a clip on its own
+        assert len(batch) == 1 or len(batch) * -(-max(frames[i] for i in batch) // 5) * 5 <= 48, batch
+    assert len(batches) > 1 and trainer.state.global_step == len(batches)
+    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)

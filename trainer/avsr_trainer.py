@@ -7,6 +7,7 @@ batches are the same teacher-forced batches: the eval loss uses them as they are
 
 from collections.abc import Mapping
 from contextlib import contextmanager
+from functools import partial
 
 import numpy as np
 import torch

@@ -31,9 +31,6 @@ from modeling_llama_avsr.data.mouth import FPS, VISEMES
 from modeling_llama_avsr.modeling_avhubert import AVHubertForFrameClassification
 from run_avsr import small_video_encoder  # the encoder shape of the offline default (examples/ is on sys.path)
 
-logger = logging.getLogger("pretrain_lip_encoder")
-
-
 @dataclass
 class LipArguments:
     data_dir: str = field(default="outputs/synthetic_corpus", metadata={"help": "Synthetic corpus (made if absent)."})

@@ -389,6 +389,9 @@ class AVHubertForFrameClassification(AVHubertPreTrainedModel):
 
     def __init__(self, config: AVHubertConfig):
         super().__init__(config)
+        # transformers' per-token cross-entropy, which honours Trainer's `num_items_in_batch` (exact gradient
+        # accumulation and data parallelism); the class name alone would not select it.
+        self.loss_type = "ForTokenClassification"
         self.avhubert = AVHubertModel(config)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
@@ -404,13 +407,13 @@ class AVHubertForFrameClassification(AVHubertPreTrainedModel):
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, num_frames)`, *optional*):
             Class per frame; -100 (e.g. at padding) is ignored. The loss is the mean cross-entropy over labelled
-            frames.
+            frames, or their sum divided by `num_items_in_batch` when Trainer passes it.
         """
         hidden = self.avhubert(pixel_values_videos, attention_mask=attention_mask, return_dict=True).last_hidden_state
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = self.loss_function(logits, labels, self.config, **kwargs)
         return TokenClassifierOutput(loss=loss, logits=logits)
 
 

@@ -262,6 +262,9 @@ def test_frame_classification_loss_ignores_padding_and_base_model_round_trips(tm
     targets = torch.cat([labels[0], labels[1, :4]])
     expected = F.cross_entropy(torch.cat(logits), targets)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    # Under Trainer (gradient accumulation, several processes) the sum is divided by the global count instead.
+    summed = model(video, attention_mask=mask, labels=labels, num_items_in_batch=torch.tensor(22)).loss
+    torch.testing.assert_close(summed, expected * 11 / 22, rtol=1e-5, atol=1e-6)
 
     # The encoder alone saves as a plain AVHubertModel (what LlamaAVSR loads as its video encoder).
     model.avhubert.save_pretrained(tmp_path)

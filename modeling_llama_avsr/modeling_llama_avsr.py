@@ -7,7 +7,6 @@ Differences from the reference implementation, on purpose:
 - average pooling averages only real frames, so a clip's last partial window is not diluted by padding.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch

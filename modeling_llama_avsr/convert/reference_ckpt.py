@@ -33,7 +33,6 @@ compression rate give the same logits.
 """
 
 import logging
-import math
 
 import torch
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from modeling_llama_avsr import LlamaAVSRProcessor
 from modeling_llama_avsr.data import load_synthetic, make_corpus
@@ -29,7 +29,9 @@ from modeling_llama_avsr.data.collator import random_crop, time_mask_video
 from modeling_llama_avsr.data.loading import read_video
 from modeling_llama_avsr.data.mouth import FPS, VISEMES
 from modeling_llama_avsr.modeling_avhubert import AVHubertForFrameClassification
+from trainer import EvalCollatorTrainer
 from run_avsr import small_video_encoder  # the encoder shape of the offline default (examples/ is on sys.path)
+
 
 @dataclass
 class LipArguments:
@@ -87,21 +89,6 @@ def frame_accuracy(eval_prediction):
     return {"frame_accuracy": float((predictions[keep] == labels[keep]).mean())}
 
 
-class LipTrainer(Trainer):
-    """Trainer whose evaluation batches come from `eval_collator` (no random crop or time masking)."""
-
-    def __init__(self, *args, eval_collator=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.eval_collator = eval_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        train_collator, self.data_collator = self.data_collator, self.eval_collator
-        try:
-            return super().get_eval_dataloader(eval_dataset)
-        finally:
-            self.data_collator = train_collator
-
-
 def parse_args(argv):
     parser = HfArgumentParser((LipArguments, TrainingArguments))
     parser.set_defaults(
@@ -127,12 +114,12 @@ def main(argv=None):
     config.label2id = {v: i for i, v in enumerate(VISEMES)}
     model = AVHubertForFrameClassification(config)
     processor = LlamaAVSRProcessor.from_components(text_model=args.text_model, modality="vsr")
-    trainer = LipTrainer(
+    trainer = EvalCollatorTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=validation_set,
         data_collator=VisemeCollator(processor, train=True, seed=training_args.seed),
         compute_metrics=frame_accuracy,
         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1),
-        eval_collator=VisemeCollator(processor),
+        eval_data_collator=VisemeCollator(processor),  # no random crop or time masking
     )
     trainer.train()
     metrics = trainer.evaluate()

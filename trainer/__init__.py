@@ -1,8 +1,15 @@
 """Training and evaluation for Llama-AVSR: the decorrelation loss of the attention-sink paper, Trainer, WER."""
 
-from .avsr_trainer import AVSRTrainer, prompt_only
+from .avsr_trainer import AVSRTrainer, EvalCollatorTrainer, prompt_only
 from .decorrelation import decorrelation_loss
 from .metrics import word_error_rate
 from .training_args import AVSRTrainingArguments
 
-__all__ = ["AVSRTrainer", "AVSRTrainingArguments", "decorrelation_loss", "prompt_only", "word_error_rate"]
+__all__ = [
+    "AVSRTrainer",
+    "AVSRTrainingArguments",
+    "EvalCollatorTrainer",
+    "decorrelation_loss",
+    "prompt_only",
+    "word_error_rate",
+]

@@ -84,7 +84,39 @@ class LogitsToKeepCollator:
         return batch
 
 
-class AVSRTrainer(Trainer):
+class EvalCollatorTrainer(Trainer):
+    """Trainer whose evaluate() and predict() batches come from `eval_data_collator`, if given (e.g. without
+    augmentation, or with a fixed noise condition); `data_collator` builds the training ones."""
+
+    def __init__(self, *args, eval_data_collator=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_data_collator = eval_data_collator
+
+    def _prepare_eval_collator(self, collator):
+        return collator
+
+    @contextmanager
+    def _evaluation_collator(self):
+        if self.eval_data_collator is None:
+            yield
+            return
+        training_collator = self.data_collator
+        self.data_collator = self._prepare_eval_collator(self.eval_data_collator)
+        try:
+            yield
+        finally:
+            self.data_collator = training_collator
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        with self._evaluation_collator():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        with self._evaluation_collator():
+            return super().get_test_dataloader(test_dataset)
+
+
+class AVSRTrainer(EvalCollatorTrainer):
     """Trainer for `LlamaAVSRForConditionalGeneration`.
 
     - loss: CE through the model (which honours `num_items_in_batch`) + `decorrelation_weight` * `decorrelation_loss`
@@ -95,7 +127,7 @@ class AVSRTrainer(Trainer):
       `compute_metrics` is given, reports corpus WER against the decoded labels.
 
     Pass the processor as `processing_class`: it decodes predictions and gives the pad id. `eval_data_collator`, if
-    given, builds the batches of evaluate() and predict() (e.g. without augmentation); `data_collator` the training ones.
+    given, builds the batches of evaluate() and predict() (`EvalCollatorTrainer`); `data_collator` the training ones.
     """
 
     def __init__(self, model=None, args: AVSRTrainingArguments | None = None, *trainer_args,
@@ -104,9 +136,8 @@ class AVSRTrainer(Trainer):
             args = AVSRTrainingArguments(output_dir="trainer_output")
         elif not isinstance(args, AVSRTrainingArguments):
             raise TypeError(f"AVSRTrainer needs AVSRTrainingArguments, got {type(args).__name__}")
-        super().__init__(model, args, *trainer_args, **kwargs)
         # Training batches are augmented; evaluation ones are not, or carry a fixed noise condition.
-        self.eval_data_collator = eval_data_collator
+        super().__init__(model, args, *trainer_args, eval_data_collator=eval_data_collator, **kwargs)
         if self.data_collator is not None and not isinstance(self.data_collator, LogitsToKeepCollator):
             self.data_collator = LogitsToKeepCollator(self.data_collator)
         if self.compute_metrics is None and self.processing_class is not None:
@@ -214,25 +245,8 @@ class AVSRTrainer(Trainer):
 
     # ---- evaluation ----------------------------------------------------------------------------------------------
 
-    @contextmanager
-    def _evaluation_collator(self):
-        if self.eval_data_collator is None:
-            yield
-            return
-        training_collator = self.data_collator
-        self.data_collator = LogitsToKeepCollator(self.eval_data_collator)
-        try:
-            yield
-        finally:
-            self.data_collator = training_collator
-
-    def get_eval_dataloader(self, eval_dataset=None):
-        with self._evaluation_collator():
-            return super().get_eval_dataloader(eval_dataset)
-
-    def get_test_dataloader(self, test_dataset):
-        with self._evaluation_collator():
-            return super().get_test_dataloader(test_dataset)
+    def _prepare_eval_collator(self, collator):
+        return LogitsToKeepCollator(collator)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):

@@ -183,3 +183,18 @@ def test_read_audio_fixes_up_stereo_and_rate(tmp_path, caplog):
 def test_importing_data_does_not_load_espeak():
     code = "import sys, modeling_llama_avsr.data; assert 'espeakng_loader' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
+    from modeling_llama_avsr.data.atomic import atomic_path, write_bytes_atomic
+
+    target = tmp_path / "clip.wav"
+    write_bytes_atomic(target, b"first")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".wav" and tmp != target
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.wav"]  # no temporary left behind
+    write_bytes_atomic(target, b"second")
+    assert target.read_bytes() == b"second"

@@ -25,7 +25,6 @@ import argparse
 import csv
 import logging
 import multiprocessing
-import os
 import sys
 import wave
 from dataclasses import dataclass
@@ -34,8 +33,10 @@ from pathlib import Path
 import numpy as np
 
 try:
+    from .atomic import atomic_path, write_bytes_atomic
     from .loading import MediaError
 except ImportError:  # run as a file in the landmark environment, where the package (torch, transformers) is absent
+    from atomic import atomic_path, write_bytes_atomic  # stdlib only, found beside this file
 
     class MediaError(ValueError):
         def __init__(self, path, problem: str):
@@ -195,16 +196,11 @@ def read_clip(path) -> tuple[np.ndarray, float, np.ndarray | None]:
     return np.stack(frames), fps, audio
 
 
-def _temporary(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-
-
 def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS):
     """H.264 yuv420p mp4 of (T, H, W, 3) RGB frames, written to a temporary name and renamed."""
     import av
 
-    tmp = _temporary(path)
-    with av.open(str(tmp), mode="w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.codec_context.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
@@ -213,17 +209,14 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = FPS):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    os.replace(tmp, path)
 
 
 def write_wav(path: Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE):
-    tmp = _temporary(path)
-    with wave.open(str(tmp), "wb") as f:
+    with atomic_path(path) as tmp, wave.open(str(tmp), "wb") as f:
         f.setnchannels(1)
         f.setsampwidth(2)
         f.setframerate(sample_rate)
         f.writeframes((np.clip(audio, -1, 1) * 32767).round().astype("<i2").tobytes())
-    os.replace(tmp, path)
 
 
 # ---- landmarks (mediapipe) -------------------------------------------------------------------------------------------
@@ -267,10 +260,8 @@ def landmark_path(out: Path, src: Path, video: Path) -> Path:
 
 def save_landmarks(path: Path, landmarks: dict):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary(path)
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **landmarks)
-    os.replace(tmp, path)
 
 
 def _landmark_job(job) -> tuple[str, str | None]:
@@ -372,9 +363,7 @@ def _crop_job(job) -> tuple[str, str | None, list[tuple[str, int, str]]]:
                 (text_dir / f"{name}.txt").write_text(piece_text + "\n")
                 write_mp4(video_dir / f"{name}.mp4", crops[first:last])
                 names.append(f"{name}\t{last - first}")
-            tmp = _temporary(done_marker)
-            tmp.write_text("\n".join(names) + "\n")  # last: marks the clip complete
-            os.replace(tmp, done_marker)
+            write_bytes_atomic(done_marker, ("\n".join(names) + "\n").encode())  # last: marks the clip complete
         rows = []
         for line in done_marker.read_text().splitlines():
             name, frames_count = line.split("\t")
@@ -466,13 +455,11 @@ def preprocess(src, out, dataset: str = "lrs3", split: str = "test", stage: str 
         labels = out / "labels"
         labels.mkdir(exist_ok=True)
         csv_path = labels / f"{dataset}_{split}_transcript_lengths_seg16s.csv"
-        tmp = _temporary(csv_path)
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f, lineterminator="\n")
             for relative, frames_count, text in rows:
                 # auto_avsr's columns plus the transcript, as the reference Llama-AVSR reads them
                 writer.writerow([dataset, relative, frames_count, "", text])
-        os.replace(tmp, csv_path)
         counts["clips"] = len(rows)
         counts["failed"] += len(failures)
         _record_failures(out, failures)

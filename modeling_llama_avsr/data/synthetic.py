@@ -24,13 +24,13 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes_atomic
 from .mouth import FPS, FRAME_SIZE, Appearance, mouth_track, num_video_frames, render_mouth, viseme_segments
 
 __all__ = [
@@ -126,13 +126,6 @@ SPEAKERS = (
 )
 
 
-def _atomic_write(path: Path, data: bytes):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _encode_wav(audio: np.ndarray, sample_rate: int) -> bytes:
     import soundfile as sf
 
@@ -192,8 +185,8 @@ def _build_utterance(job) -> dict:
     frames = render_mouth(mouth_track(utt.phonemes, num_frames, FPS), appearance, rng, FRAME_SIZE)
 
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / f"{uid}.wav", _encode_wav(utt.audio, SAMPLE_RATE))
-    _atomic_write(folder / f"{uid}.mp4", _encode_mp4(frames, FPS))
+    write_bytes_atomic(folder / f"{uid}.wav", _encode_wav(utt.audio, SAMPLE_RATE))
+    write_bytes_atomic(folder / f"{uid}.mp4", _encode_mp4(frames, FPS))
     meta = {
         "id": f"{split}/{speaker.name}/{uid}",
         "text": text,
@@ -210,7 +203,7 @@ def _build_utterance(job) -> dict:
         "words": _rounded(utt.words),
         "visemes": _rounded(viseme_segments(utt.phonemes)),
     }
-    _atomic_write(meta_path, (json.dumps(meta) + "\n").encode())  # last: marks the utterance complete
+    write_bytes_atomic(meta_path, (json.dumps(meta) + "\n").encode())  # last: marks the utterance complete
     return {"relative_path": meta["id"], "num_frames": num_frames, "text": text}
 
 
@@ -220,7 +213,7 @@ def _write_manifest(path: Path, rows: list[dict]):
     for row in rows:
         # auto_avsr's column order: dataset, relative_path, n_video_frames, token_ids, transcript
         writer.writerow(["synthetic", row["relative_path"] + ".mp4", row["num_frames"], "", row["text"]])
-    _atomic_write(path, buffer.getvalue().encode())
+    write_bytes_atomic(path, buffer.getvalue().encode())
 
 
 def _all_files_present(out: Path) -> bool:
@@ -290,7 +283,7 @@ def make_corpus(
             logger.info("Resuming the unfinished synthetic corpus in %s", out)
 
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(info_path, (json.dumps({**params, "complete": False}, indent=1) + "\n").encode())
+    write_bytes_atomic(info_path, (json.dumps({**params, "complete": False}, indent=1) + "\n").encode())
     sentences = split_sentences(counts, seed, natural_fraction)
     jobs = [(str(out), split, i, text, seed) for split in SPLITS for i, text in enumerate(sentences[split])]
 
@@ -314,7 +307,7 @@ def make_corpus(
     (out / "labels").mkdir(exist_ok=True)
     for split in SPLITS:
         _write_manifest(out / "labels" / f"{split}.csv", [r for r in rows if r["relative_path"].startswith(split + "/")])
-    _atomic_write(info_path, (json.dumps({**params, "complete": True}, indent=1) + "\n").encode())
+    write_bytes_atomic(info_path, (json.dumps({**params, "complete": True}, indent=1) + "\n").encode())
     logger.info("Synthetic corpus ready in %s (%s)", out, ", ".join(f"{k} {v}" for k, v in counts.items()))
     return out
 

@@ -6,7 +6,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProces
 
 from .configuration_avhubert import AVHubertConfig
 from .configuration_llama_avsr import LlamaAVSRConfig
-from .modeling_avhubert import AVHubertModel
+from .modeling_avhubert import AVHubertForFrameClassification, AVHubertModel
 from .modeling_llama_avsr import LlamaAVSRForConditionalGeneration, LlamaAVSRModel, LlamaAVSRPreTrainedModel
 from .pipeline_llama_avsr import AudioVisualSpeechRecognitionPipeline, register_pipeline
 from .processing_llama_avsr import LlamaAVSRProcessor
@@ -33,6 +33,7 @@ LlamaAVSRProcessor.register_for_auto_class("AutoProcessor")
 __all__ = [
     "AudioVisualSpeechRecognitionPipeline",
     "AVHubertConfig",
+    "AVHubertForFrameClassification",
     "AVHubertModel",
     "LlamaAVSRConfig",
     "LlamaAVSRForConditionalGeneration",

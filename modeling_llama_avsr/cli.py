@@ -23,7 +23,8 @@ def run_demo(args) -> int:
     (speech -> Whisper -> projector -> LLM -> text) on real weights. Fine-tuning makes it transcribe."""
     import torch
 
-    from . import LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
+    from .modeling_llama_avsr import LlamaAVSRForConditionalGeneration
+    from .processing_llama_avsr import LlamaAVSRProcessor
     from .data.tts import synthesize
 
     start = time.perf_counter()
@@ -50,7 +51,7 @@ def run_demo(args) -> int:
 
 def main(argv=None) -> int:
     from .analysis import add_analyze_arguments, run_analyze
-    from .convert.offline import add_convert_arguments, run_convert
+    from .offline_weights import add_convert_arguments, run_convert
     from .data.preprocess import add_preprocess_arguments, run_preprocess
     from .data.synthetic import add_make_corpus_arguments, run_make_corpus
     from .pipeline_llama_avsr import add_transcribe_arguments, run_transcribe

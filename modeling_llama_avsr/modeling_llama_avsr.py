@@ -7,32 +7,25 @@ Differences from the reference implementation, on purpose:
 - average pooling averages only real frames, so a clip's last partial window is not diluted by padding.
 """
 
+import logging
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
 
-from .configuration_llama_avsr import LlamaAVSRConfig
+from .configuration_avhubert import AVHubertConfig
+from .configuration_llama_avsr import LlamaAVSRConfig, compressed_length, resolve_component, whisper_encoder_length
 from .modeling_avhubert import AVHubertModel
+from .tokenization_llama_avsr import load_component_tokenizer
 
-# Whisper's log-mel hop is 10 ms and its second convolution has stride 2: one encoder frame per 20 ms.
-WHISPER_ENCODER_STRIDE = 2
-
-
-def compressed_length(num_frames, rate: int):
-    """Tokens produced from `num_frames` encoder frames by avg-pooling or stacking `rate` frames (last window may be
-    partial). Works on ints and tensors; the processor and the model must agree on it, so both call this."""
-    return (num_frames + rate - 1) // rate
-
-
-def whisper_encoder_length(num_mel_frames):
-    """Real encoder frames for `num_mel_frames` real log-mel frames (conv k=3, stride 2, padding 1)."""
-    return (num_mel_frames + WHISPER_ENCODER_STRIDE - 1) // WHISPER_ENCODER_STRIDE
-
+logger = logging.getLogger(__name__)
 
 def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
     """(B, T, d) frames with a (B, T) validity mask -> (B, ceil(T/rate), d or rate*d) tokens and their mask.
@@ -308,12 +301,11 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # A light checkpoint (hub.py) holds only the trained tensors: compose the base it names, then load them.
-        from .hub import light_weights_file, load_light_checkpoint
-
-        light = light_weights_file(pretrained_model_name_or_path, **kwargs)
+        # A light checkpoint (written by hub.py) holds only the trained tensors: compose the base it names, then load
+        # them.
+        light = _light_weights_file(pretrained_model_name_or_path, **kwargs)
         if light is not None and not args:
-            return load_light_checkpoint(cls, pretrained_model_name_or_path, light, **kwargs)
+            return _load_light_checkpoint(cls, pretrained_model_name_or_path, light, **kwargs)
         # Loading materialises parameters anew (all trainable): restore what is frozen and the encoders' eval mode.
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model._set_trainable()
@@ -340,9 +332,6 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         them to the tokenizer. Remaining keyword arguments go to `LlamaAVSRConfig`.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, WhisperModel
-
-        from .configuration_avhubert import AVHubertConfig
-        from .processing_llama_avsr import load_component_tokenizer
 
         tokenizer, token_ids = load_component_tokenizer(text_model)
         text_path = resolve_component(text_model)
@@ -478,13 +467,104 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         )
 
 
-def resolve_component(name_or_path: str) -> str:
-    """Offline names -> their converted cache directory; anything else unchanged (local dir or Hub id)."""
+# ---- light checkpoints (written by hub.py) -----------------------------------------------------------------
+
+LIGHT_WEIGHTS_NAME = "light_model.safetensors"
+ADDED_ROWS_PREFIX = "added_rows."  # + the parameter name whose rows >= text_vocab_size are stored
+# Config fields that `from_components` takes and that decide the architecture beyond the components themselves.
+COMPOSE_FIELDS = (
+    "compression_type", "audio_compression_rate", "video_compression_rate", "projector_hidden_size",
+    "projector_layer_norm", "prompt", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "freeze_audio_encoder", "freeze_video_encoder",
+)
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def _light_weights_file(pretrained_model_name_or_path, config=None, **hub_kwargs) -> str | None:
+    """The light weights file of a folder or Hub repo, or None when it is a full checkpoint."""
+    if config is not None and not getattr(config, "light_checkpoint", False):
+        return None
+    path = Path(str(pretrained_model_name_or_path)) / hub_kwargs.get("subfolder", "")
+    if path.is_dir():
+        candidate = path / LIGHT_WEIGHTS_NAME
+        return str(candidate) if candidate.is_file() else None
+    from transformers.utils import cached_file
+
+    return cached_file(
+        pretrained_model_name_or_path,
+        LIGHT_WEIGHTS_NAME,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **{k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS},
+    )
+
+
+def _load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, config=None, base_components=None,
+                          dtype=None, device_map=None, **kwargs):
+    """Compose the base named by the config, then load the light tensors over it (`from_pretrained`)."""
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    ignored = sorted(k for k, v in kwargs.items() if v and k not in HUB_KWARGS and not k.startswith("_")
+                     and k not in ("trust_remote_code", "code_revision", "adapter_kwargs"))
+    if ignored:
+        logger.warning("from_pretrained of a light checkpoint ignores %s", ignored)
+    if config is None:
+        config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    components = {**config.base_components, **(base_components or {})}
+    if dtype == "auto":
+        dtype = config.dtype
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+
+    video_encoder = components.get("video_encoder")
+    if config.uses_video and not video_encoder:
+        # Rebuilt from this module's sibling class: under trust_remote_code the config's own class may come from
+        # another dynamic module, and from_components recognises a config by its class.
+        video_encoder = AVHubertConfig(**config.video_config.to_dict())
+    model = cls.from_components(
+        text_model=components["text_model"],
+        audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
+        video_encoder=video_encoder,
+        modality=config.modality,
+        dtype=dtype,
+        **{name: getattr(config, name) for name in COMPOSE_FIELDS},
+    )
+    for name in ("audio_token_id", "video_token_id", "audio_start_token_id", "video_end_token_id"):
+        if getattr(model.config, name) != getattr(config, name):
+            raise ValueError(
+                f"The text model {components['text_model']!r} gives {name}={getattr(model.config, name)} but the "
+                f"checkpoint was trained with {getattr(config, name)}: it is not the tokenizer the checkpoint used."
+            )
+
+    tensors = load_file(weights_file)
+    rows = {k[len(ADDED_ROWS_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADDED_ROWS_PREFIX)}
+    weights = {k: v for k, v in tensors.items() if not k.startswith(ADDED_ROWS_PREFIX)}
+    own = model.state_dict()
+    unknown = [k for k in list(weights) + list(rows) if k not in own]
+    if unknown:
+        raise ValueError(f"{weights_file}: tensors that this model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for name, value in rows.items():
+            own[name][own[name].shape[0] - value.shape[0] :].copy_(value)
+    model.load_state_dict(weights, strict=False)
+
+    generation_config = _load_generation_config(pretrained_model_name_or_path, hub_kwargs)
+    if generation_config is not None:
+        model.generation_config = generation_config
+    model.config.base_components = components
+    model.config.name_or_path = str(pretrained_model_name_or_path)
+    if device_map is not None:  # a single device; sharding is for full checkpoints
+        model.to(device_map if isinstance(device_map, (str, torch.device)) else next(iter(device_map.values())))
+    model._set_trainable()
+    return model.eval()
+
+
+def _load_generation_config(path, hub_kwargs):
+    from transformers import GenerationConfig
+
     try:
-        from modeling_llama_avsr.convert.offline import resolve_component as resolve
-    except ImportError:  # a trust_remote_code copy without the package: plain paths and Hub ids still work
-        return name_or_path
-    return resolve(name_or_path)
+        return GenerationConfig.from_pretrained(path, **hub_kwargs)
+    except OSError:
+        return None
 
 
 def _load_wrapped(module: nn.Module, state_dict: dict):
@@ -518,9 +598,9 @@ def _generation_config(base, tokenizer, token_ids):
 
 
 __all__ = [
+    "ADDED_ROWS_PREFIX",
+    "LIGHT_WEIGHTS_NAME",
     "LlamaAVSRPreTrainedModel",
     "LlamaAVSRModel",
     "LlamaAVSRForConditionalGeneration",
-    "compressed_length",
-    "whisper_encoder_length",
 ]

@@ -33,18 +33,18 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import soxr
 import torch
 from torch.utils.data import DataLoader
 from transformers import GenerationConfig
 from transformers.pipelines.base import ChunkPipeline
 from transformers.pipelines.pt_utils import PipelineChunkIterator, PipelineIterator, PipelinePackIterator
 
-from .processing_llama_avsr import MAX_AUDIO_SECONDS, SAMPLING_RATE
+from .configuration_llama_avsr import MAX_AUDIO_SECONDS, SAMPLING_RATE, VIDEO_FPS
 
 logger = logging.getLogger(__name__)
 
 TASK = "audio-visual-speech-recognition"
-VIDEO_FPS = 25
 SAMPLES_PER_FRAME = SAMPLING_RATE // VIDEO_FPS  # 640: one video frame of audio
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au"}
 GENERATION_KEYS = {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
@@ -59,14 +59,13 @@ def _media() -> dict:
     users; there only arrays can be passed (a subpackage cannot be copied flat), and a path says so."""
     try:
         from modeling_llama_avsr.data import loading
-        from modeling_llama_avsr.data.resample import resample
     except ImportError as e:
         raise ImportError(
             "Reading audio/video files needs the llama-avsr package (pip install llama-avsr); without it, pass "
             "16 kHz audio arrays and 25 fps mouth-frame arrays instead of paths."
         ) from e
     names = ("MediaError", "read_audio", "read_video", "align_audio_to_video", "probe_media")
-    return {"resample": resample, **{name: getattr(loading, name) for name in names}}
+    return {name: getattr(loading, name) for name in names}
 
 
 def _audio_source(path: Path) -> Path:
@@ -231,7 +230,7 @@ class AudioVisualSpeechRecognitionPipeline(ChunkPipeline):
                 if samples.ndim != 1:
                     raise MediaInputError(f"{source}: audio must be 1-D mono samples, got shape {samples.shape}")
                 if sampling_rate != SAMPLING_RATE:
-                    samples = _media()["resample"](samples, sampling_rate, SAMPLING_RATE)
+                    samples = soxr.resample(samples, sampling_rate, SAMPLING_RATE, quality="VHQ")
                 if samples.size == 0:
                     raise MediaInputError(f"{source}: audio holds no samples")
                 if not np.isfinite(samples).all():

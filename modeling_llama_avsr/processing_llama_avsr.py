@@ -8,49 +8,18 @@ so the model can replace the placeholders one for one. Labels are -100 everywher
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, BatchFeature, ProcessorMixin, WhisperFeatureExtractor
+from transformers import BatchFeature, ProcessorMixin, WhisperFeatureExtractor
 
 from .configuration_llama_avsr import (
-    ADDED_TOKENS,
-    AUDIO_END,
-    AUDIO_PLACEHOLDER,
-    AUDIO_START,
     DEFAULT_PROMPTS,
-    VIDEO_END,
-    VIDEO_PLACEHOLDER,
-    VIDEO_START,
+    LUMA_WEIGHTS,
+    MAX_AUDIO_SECONDS,
+    SAMPLING_RATE,
+    compressed_length,
+    resolve_component,
+    whisper_encoder_length,
 )
-from .modeling_llama_avsr import compressed_length, resolve_component, whisper_encoder_length
-
-SAMPLING_RATE = 16_000
-MAX_AUDIO_SECONDS = 30.0  # Whisper's window: longer audio would be cut, so it is refused instead
-# ITU-R BT.601 luma, the weights OpenCV's and auto_avsr's RGB -> gray conversion uses.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-TOKEN_ID_NAMES = {
-    AUDIO_START: "audio_start_token_id",
-    AUDIO_END: "audio_end_token_id",
-    VIDEO_START: "video_start_token_id",
-    VIDEO_END: "video_end_token_id",
-    AUDIO_PLACEHOLDER: "audio_token_id",
-    VIDEO_PLACEHOLDER: "video_token_id",
-}
-
-
-def prepare_tokenizer(tokenizer):
-    """Add the markers and placeholders (once) and make sure BOS and pad exist. Returns the config's token ids."""
-    tokenizer.add_special_tokens({"additional_special_tokens": list(ADDED_TOKENS)}, replace_extra_special_tokens=False)
-    if tokenizer.bos_token is None:  # some LLMs have none; the sequence layout needs one
-        tokenizer.add_special_tokens({"bos_token": "<|bos|>"})
-    if tokenizer.pad_token is None:  # padding is masked, so reusing EOS is safe
-        tokenizer.pad_token = tokenizer.eos_token
-    return {name: tokenizer.convert_tokens_to_ids(token) for token, name in TOKEN_ID_NAMES.items()}
-
-
-def load_component_tokenizer(text_model: str):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_component(text_model))
-    token_ids = prepare_tokenizer(tokenizer)
-    return tokenizer, token_ids
+from .tokenization_llama_avsr import load_component_tokenizer, prepare_tokenizer
 
 
 class LlamaAVSRProcessor(ProcessorMixin):
@@ -163,7 +132,7 @@ class LlamaAVSRProcessor(ProcessorMixin):
         for i, video in enumerate(videos):
             video = np.asarray(video)
             if video.ndim == 4 and video.shape[-1] in (1, 3):
-                video = video[..., 0] if video.shape[-1] == 1 else video.astype(np.float32) @ LUMA_WEIGHTS
+                video = video[..., 0] if video.shape[-1] == 1 else video.astype(np.float32) @ np.asarray(LUMA_WEIGHTS, np.float32)
             if video.ndim != 3:
                 raise ValueError(f"video {i} must be (T, H, W) or (T, H, W, C) frames, got shape {video.shape}")
             t, h, w = video.shape

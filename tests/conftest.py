@@ -17,7 +17,7 @@ def _seed():
 def offline_cache_dir():
     """Where converted offline weights live; shared across the test session (and across runs) so each
     conversion happens once. Honours LLAMA_AVSR_CACHE like the library does."""
-    from modeling_llama_avsr.convert.offline import default_cache_dir
+    from modeling_llama_avsr.offline_weights import default_cache_dir
 
     path = default_cache_dir()
     os.makedirs(path, exist_ok=True)

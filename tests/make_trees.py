@@ -61,9 +61,9 @@ def write_face_mp4(path: Path, frames: np.ndarray, audio: np.ndarray | None, sam
         if audio is not None:
             rate = audio_rate or sample_rate
             if rate != sample_rate:
-                from modeling_llama_avsr.data import resample
+                import soxr
 
-                audio = resample(audio, sample_rate, rate)
+                audio = soxr.resample(audio, sample_rate, rate, quality="VHQ")
             sound = container.add_stream("aac", rate=rate, layout="mono" if channels == 1 else "stereo")
         for frame in frames:
             for packet in video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):

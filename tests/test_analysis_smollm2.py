@@ -28,7 +28,7 @@ FEATURE = 507  # SmolLM2's massive feature (offline-resources.md)
 def smollm2(offline_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_llama_avsr.convert import convert_offline
+    from modeling_llama_avsr.offline_weights import convert_offline
 
     path = convert_offline("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,7 +1,7 @@
 """Converters: CTranslate2 Whisper -> HF, GGUF LLM -> HF, and the atomic offline cache.
 
 Fast tests write a tiny Whisper in CTranslate2's binary layout themselves. Slow tests use the real offline weights
-(pip packages, see modeling_llama_avsr/convert/offline.py) and the session cache `offline_cache_dir`.
+(pip packages, see modeling_llama_avsr/offline_weights/registry.py) and the session cache `offline_cache_dir`.
 """
 
 import io
@@ -15,16 +15,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from modeling_llama_avsr.convert import offline, whisper_ct2
-from modeling_llama_avsr.convert.offline import (
+from modeling_llama_avsr.configuration_llama_avsr import resolve_component
+from modeling_llama_avsr.offline_weights import registry as offline
+from modeling_llama_avsr.offline_weights import whisper_ct2
+from modeling_llama_avsr.offline_weights.registry import (
     MissingOfflinePackageError,
     OfflineComponent,
     add_convert_arguments,
     convert_offline,
-    resolve_component,
     run_convert,
 )
-from modeling_llama_avsr.convert.whisper_ct2 import CT2FormatError, read_ct2_model, whisper_from_ct2
+from modeling_llama_avsr.offline_weights.whisper_ct2 import CT2FormatError, read_ct2_model, whisper_from_ct2
 
 # ---------------------------------------------------------------------------------------------------------------
 # A CTranslate2 model.bin writer (ModelSpec._serialize, binary version 6) and a tiny random Whisper spec.
@@ -433,7 +434,7 @@ def test_converted_whisper_transcribes_speech(name, speech, offline_cache_dir):
 def test_smollm2_gguf_converts_to_a_dense_model(offline_cache_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from modeling_llama_avsr.convert.gguf_llm import load_gguf_llm
+    from modeling_llama_avsr.offline_weights.gguf_llm import load_gguf_llm
 
     path = convert_offline("smollm2-135m", cache_dir=offline_cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path).eval()

@@ -174,7 +174,9 @@ def test_push_to_hub_uploads_the_prepared_folder(parts, monkeypatch):
     assert push_to_hub(model, processor, "me/tiny", kind="light", evaluation=SUMMARY, private=True) == "commit"
     assert calls["create"] == ("me/tiny", {"private": True, "exist_ok": True})
     assert {LIGHT_WEIGHTS_NAME, "README.md", "config.json", "processor_config.json", "pipeline_llama_avsr.py",
-            "modeling_llama_avsr.py", "hub.py", "generation_config.json", "tokenizer.json"} <= set(calls["files"])
+            "modeling_llama_avsr.py", "tokenization_llama_avsr.py", "configuration_llama_avsr.py",
+            "generation_config.json", "tokenizer.json"} <= set(calls["files"])
+    assert "hub.py" not in calls["files"]  # the model no longer reaches up into the Hub code
     assert calls["config"]["custom_pipelines"]["audio-visual-speech-recognition"]["impl"] == (
         "pipeline_llama_avsr.AudioVisualSpeechRecognitionPipeline")
     assert "| clean | 5.12 |" in calls["readme"] and "light checkpoint" in calls["message"]

@@ -44,9 +44,9 @@ def files(tmp_path_factory):
     make_trees.write_face_mp4(d / "long.mp4", np.zeros((25 * 200, 16, 16, 3), np.uint8), None)
     make_trees.write_face_mp4(d / "mismatch.mp4", FRAMES[:10], AUDIO)  # 0.4 s of video, 2 s of audio
     sf.write(d / "good.wav", AUDIO, 16000)
-    from modeling_llama_avsr.data import resample
+    import soxr
 
-    at_44k = resample(AUDIO, 16000, 44100)
+    at_44k = soxr.resample(AUDIO, 16000, 44100, quality="VHQ")
     sf.write(d / "stereo_44k.wav", np.stack([at_44k, -at_44k], 1) * 0.5 + at_44k[:, None] * 0.5, 44100)
     sf.write(d / "nan.wav", np.full(1600, np.nan, np.float32), 16000, subtype="FLOAT")
     good_wav = (d / "good.wav").read_bytes()

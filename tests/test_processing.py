@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from modeling_llama_avsr import LlamaAVSRProcessor
-from modeling_llama_avsr.modeling_llama_avsr import compressed_length
+from modeling_llama_avsr.configuration_llama_avsr import compressed_length
 
 from tiny import random_clips, tiny_processor
 

@@ -5,7 +5,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor
 
 from modeling_llama_avsr import AVHubertConfig, LlamaAVSRConfig, LlamaAVSRProcessor
-from modeling_llama_avsr.processing_llama_avsr import prepare_tokenizer
+from modeling_llama_avsr.tokenization_llama_avsr import prepare_tokenizer
 
 WORDS = "transcribe speech and video to text . place blue at f two now red green by in one three".split()
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from modeling_llama_avsr.convert import resolve_component
+from modeling_llama_avsr.configuration_llama_avsr import resolve_component
 from modeling_llama_avsr.data import load_synthetic, read_audio
 from trainer import word_error_rate
 

@@ -298,7 +298,8 @@ def load_for_analysis(args):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..configuration_llama_avsr import LlamaAVSRConfig
-    from ..modeling_llama_avsr import LlamaAVSRForConditionalGeneration, resolve_component
+    from ..configuration_llama_avsr import resolve_component
+    from ..modeling_llama_avsr import LlamaAVSRForConditionalGeneration
     from .tokens import processor_token_types
 
     path = resolve_component(args.model)

@@ -36,9 +36,10 @@ import logging
 
 import torch
 
-from ..configuration_llama_avsr import DEFAULT_PROMPTS, LlamaAVSRConfig
-from ..modeling_llama_avsr import LlamaAVSRForConditionalGeneration, _generation_config, resolve_component
-from ..processing_llama_avsr import LlamaAVSRProcessor, load_component_tokenizer
+from ..configuration_llama_avsr import DEFAULT_PROMPTS, LlamaAVSRConfig, resolve_component
+from ..modeling_llama_avsr import LlamaAVSRForConditionalGeneration, _generation_config
+from ..processing_llama_avsr import LlamaAVSRProcessor
+from ..tokenization_llama_avsr import load_component_tokenizer
 from .avhubert_fairseq import avhubert_config_from_fairseq, fairseq_encoder_state, restricted_pickle
 
 logger = logging.getLogger(__name__)

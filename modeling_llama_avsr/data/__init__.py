@@ -18,7 +18,6 @@ from .loading import (
 )
 from .lrs import LRSReport, load_lrs, read_lrs_transcript
 from .preprocess import add_preprocess_arguments, run_preprocess
-from .resample import resample
 from .sampler import MaxFramesBatchSampler
 from .synthetic import add_make_corpus_arguments, make_corpus, run_make_corpus
 
@@ -41,7 +40,6 @@ __all__ = [
     "read_audio_video",
     "read_lrs_transcript",
     "read_video",
-    "resample",
     "run_make_corpus",
     "run_preprocess",
 ]

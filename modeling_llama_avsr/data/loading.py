@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import soxr
 
-from ..processing_llama_avsr import LUMA_WEIGHTS  # ITU-R BT.601, as OpenCV and auto_avsr convert
-from .resample import resample
+from ..configuration_llama_avsr import LUMA_WEIGHTS, VIDEO_FPS
 
 __all__ = [
     "MAX_CLIP_SECONDS",
@@ -57,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FPS = 25
+FPS = VIDEO_FPS
 SAMPLE_RATE = 16000
 MAX_CLIP_SECONDS = 30.0  # Whisper's window, which the processor enforces too; LRS clips are at most 16 s after auto_avsr
 MAX_VIDEO_BYTES = 2**31  # decoded grayscale frames beyond 2 GiB are not a speech clip: refuse before allocating
@@ -259,7 +259,7 @@ def read_audio(path, target_sr: int = SAMPLE_RATE, max_seconds: float | None = M
     audio = audio.mean(axis=1)
     if sr != target_sr:
         logger.warning("%s: resampling from %d Hz to %d Hz", path, sr, target_sr)
-        audio = resample(audio, sr, target_sr)
+        audio = soxr.resample(audio, sr, target_sr, quality="VHQ")
     return audio.astype(np.float32, copy=False)
 
 
@@ -268,7 +268,7 @@ def read_audio(path, target_sr: int = SAMPLE_RATE, max_seconds: float | None = M
 
 
 def _to_gray(rgb: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(rgb.astype(np.float32) @ LUMA_WEIGHTS), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(rgb.astype(np.float32) @ np.asarray(LUMA_WEIGHTS, np.float32)), 0, 255).astype(np.uint8)
 
 
 def _decode_decord(path: Path, chunk: int = 64) -> np.ndarray:

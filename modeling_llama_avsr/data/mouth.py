@@ -18,6 +18,8 @@ from dataclasses import astuple, dataclass
 
 import numpy as np
 
+from ..configuration_llama_avsr import VIDEO_FPS
+
 __all__ = [
     "FPS",
     "FRAME_SIZE",
@@ -32,7 +34,7 @@ __all__ = [
     "num_video_frames",
 ]
 
-FPS = 25
+FPS = VIDEO_FPS
 FRAME_SIZE = 96
 
 

@@ -60,6 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# Not imported from configuration_llama_avsr: the landmark stage runs this file alone in mediapipe's environment.
 FPS = 25
 SAMPLE_RATE = 16000
 CROP_SIZE = 96

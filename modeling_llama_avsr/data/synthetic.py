@@ -48,7 +48,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-_FORMAT_VERSION = 2  # 2: espeak-ng random seed set per utterance (breath noise of "+f2"-like voices)
+# 2: espeak-ng random seed set per utterance (breath noise of "+f2"-like voices); 3: soxr resamples 22.05 -> 16 kHz
+_FORMAT_VERSION = 3
 
 # GRID (Cooke et al. 2006): command colour preposition letter digit adverb; "w" is excluded as in GRID
 _GRID = (

@@ -21,8 +21,8 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import soxr
 
-from .resample import resample
 
 __all__ = ["SAMPLE_RATE", "Utterance", "synthesize"]
 
@@ -193,7 +193,7 @@ def synthesize(text: str, voice: str = "en-us", rate: int = 150, pitch: int | No
     engine = _get_engine()
     raw, events = engine.synth_isolated(text, voice, rate, pitch)
     sr_in = engine.sample_rate
-    audio = resample(raw.astype(np.float32) / 32768.0, sr_in, SAMPLE_RATE)
+    audio = soxr.resample(raw.astype(np.float32) / 32768.0, sr_in, SAMPLE_RATE, quality="VHQ")
     scale = 1.0 / sr_in
     n_in = len(raw)
 

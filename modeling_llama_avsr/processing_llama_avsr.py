@@ -14,6 +14,7 @@ from .configuration_llama_avsr import (
     DEFAULT_PROMPTS,
     LUMA_WEIGHTS,
     MAX_AUDIO_SECONDS,
+    PARTIAL_WINDOWS,
     SAMPLING_RATE,
     compressed_length,
     resolve_component,
@@ -27,13 +28,16 @@ class LlamaAVSRProcessor(ProcessorMixin):
     Args:
         feature_extractor (`WhisperFeatureExtractor`): log-mel features for the audio encoder.
         tokenizer: the LLM tokenizer, with the markers and placeholders added (see `from_components`).
-        modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate: as in the
-            model's config; they decide the sequence layout and must match the model.
+        modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate, partial_window:
+            as in the model's config; they decide the sequence layout and must match the model.
         video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
         audio_window (`"full" | "trimmed"`): pad log-mel to Whisper's 30-s window (as pretrained, and as the reference
             does) or only to the batch's longest clip (much faster; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
+        transcript_leading_space (`bool`): tokenise a target as `" " + transcript` (default: the transcript reads as
+            the words that follow the prompt) or bare, as the original code does (its tokenizer call gets the bare
+            transcript, so its first word is the no-space token). Checkpoints converted from the original set False.
     """
 
     def __init__(
@@ -44,11 +48,13 @@ class LlamaAVSRProcessor(ProcessorMixin):
         prompt: str | None = None,
         audio_compression_rate: int = 4,
         video_compression_rate: int = 2,
+        partial_window: str = "keep",
         video_crop_size: int = 88,
         video_mean: float = 0.421,
         video_std: float = 0.165,
         audio_window: str = "full",
         normalize_waveform: bool = False,
+        transcript_leading_space: bool = True,
         **kwargs,
     ):
         if audio_window not in ("full", "trimmed"):
@@ -60,10 +66,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
         self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS[modality]
         self.audio_compression_rate = audio_compression_rate
         self.video_compression_rate = video_compression_rate
+        if partial_window not in PARTIAL_WINDOWS:
+            raise ValueError(f"partial_window must be one of {PARTIAL_WINDOWS}, got {partial_window!r}")
+        self.partial_window = partial_window
         self.video_crop_size = video_crop_size
         self.video_mean = video_mean
         self.video_std = video_std
         self.normalize_waveform = normalize_waveform
+        self.transcript_leading_space = transcript_leading_space
         super().__init__(feature_extractor, tokenizer, **kwargs)
         self.token_ids = prepare_tokenizer(self.tokenizer)
 
@@ -123,8 +133,10 @@ class LlamaAVSRProcessor(ProcessorMixin):
             return_tensors="pt",
         )
         mel_frames = features["attention_mask"].sum(-1)
-        num_tokens = compressed_length(whisper_encoder_length(mel_frames), self.audio_compression_rate)
-        return features["input_features"], features["attention_mask"], num_tokens.tolist()
+        encoder_frames = whisper_encoder_length(mel_frames).tolist()
+        num_tokens = [self._num_tokens(n, self.audio_compression_rate, f"audio clip {i}")
+                      for i, n in enumerate(encoder_frames)]
+        return features["input_features"], features["attention_mask"], num_tokens
 
     def _video_frames(self, videos):
         frames, lengths = [], []
@@ -150,8 +162,15 @@ class LlamaAVSRProcessor(ProcessorMixin):
         for i, clip in enumerate(frames):
             pixels[i, : len(clip)] = clip
             mask[i, : len(clip)] = 1
-        num_tokens = [compressed_length(t, self.video_compression_rate) for t in lengths]
+        num_tokens = [self._num_tokens(t, self.video_compression_rate, f"video {i}") for i, t in enumerate(lengths)]
         return pixels, mask, num_tokens
+
+    def _num_tokens(self, frames: int, rate: int, what: str) -> int:
+        tokens = compressed_length(frames, rate, self.partial_window)
+        if tokens == 0:  # only with "drop": the model would get an empty modality block
+            raise ValueError(f"{what} gives {frames} encoder frames, fewer than the compression rate {rate}: with "
+                             "partial_window='drop' it would give no token")
+        return tokens
 
     # ---- text ----------------------------------------------------------------------------------------------------
 
@@ -225,7 +244,11 @@ class LlamaAVSRProcessor(ProcessorMixin):
         prompt_ids = self._encode_text(self.prompt, "prompt")  # once per batch: it is checked by a round trip
         sequences = []
         for i in range(batch_size):
-            target = self._encode_text(" " + text[i].strip(), f"transcript {i}") if text is not None else None
+            target = None
+            if text is not None:
+                transcript = text[i].strip()
+                target = self._encode_text(" " + transcript if self.transcript_leading_space else transcript,
+                                           f"transcript {i}")
             sequences.append(self._sequence(audio_tokens[i], video_tokens[i], prompt_ids, target))
         longest = max(len(ids) for ids, _ in sequences)
         input_ids = torch.full((batch_size, longest), self.tokenizer.pad_token_id, dtype=torch.long)

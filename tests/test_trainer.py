@@ -279,6 +279,21 @@ def test_gradient_accumulation_equivalence(tmp_path):
     assert whole_log["loss"] == pytest.approx(whole_log["ce_loss"] + 10.0 * whole_log["decor_loss"], rel=1e-5)
 
 
+def test_logged_decorrelation_under_accumulation_when_the_loss_is_not_scaled(tmp_path):
+    # A Trainer that does not pass num_items_in_batch (as for a model without loss kwargs) divides the returned loss
+    # by the accumulation steps itself; the logged decor_loss must still be the step's mean, as with GA 1.
+    logs = {}
+    for batch, steps in ((4, 1), (2, 2)):
+        trainer = make_trainer(tmp_path / str(steps), Clips(4), per_device_train_batch_size=batch,
+                               gradient_accumulation_steps=steps, decorrelation_tokens="prefix")
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+        logs[steps] = trainer.state.log_history[0]
+    assert logs[2]["decor_loss"] == pytest.approx(logs[1]["decor_loss"], rel=1e-5)
+    for log in logs.values():  # the micro-batches' CE means differ from the batch mean: compare each log with itself
+        assert log["loss"] == pytest.approx(log["ce_loss"] + 10.0 * log["decor_loss"], rel=1e-5)
+
+
 def distributed_worker(output_dir: str):
     """Run by each of two processes under torchrun: one optimizer step and an evaluation, batch 2 per process."""
     capture = GradientCapture()

@@ -194,7 +194,9 @@ class AVSRTrainer(EvalCollatorTrainer):
                 decor_term = decor
             if weight > 0:
                 loss = loss + weight * decor_term
-            logged["decor_loss"] = decor_term.detach() if training else decor.detach()
+            # Logged per micro-batch like the CE, so that a window's contributions add up to the step's mean whether
+            # or not training_step divides the loss by the GA steps afterwards.
+            logged["decor_loss"] = decor.detach() / ga_steps if training else decor.detach()
         self._accumulate(phase, logged, step_fraction)
         return (loss, outputs) if return_outputs else loss
 

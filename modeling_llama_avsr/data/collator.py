@@ -1,9 +1,10 @@
 """Turning rows of path columns into model batches: decode, augment, process.
 
 Augmentation follows the reference recipe where it applies here: babble or white noise at an SNR drawn per
-utterance, a random 88x88 crop of the mouth region and time masking of video frames in training; a centre crop and
-clean audio in evaluation, unless a fixed noise condition is asked for (the noisy-evaluation switch). Noise drawn for
-evaluation is seeded by the utterance id, so ASR and AVSR models are scored on exactly the same noisy audio.
+utterance, a random 88x88 crop of the mouth region, time masking of video frames and (`audio_time_mask`) of the
+waveform in training; a centre crop and clean audio in evaluation, unless a fixed noise condition is asked for (the
+noisy-evaluation switch). Noise drawn for evaluation is seeded by the utterance id, so ASR and AVSR models are scored
+on exactly the same noisy audio.
 """
 
 import zlib
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..configuration_llama_avsr import SAMPLING_RATE
 from .loading import read_audio, read_video
 
 # The reference draws training SNRs from this set (inf = clean).
@@ -54,6 +56,24 @@ def time_mask_video(frames: np.ndarray, rng: np.random.Generator, max_per_second
     return frames
 
 
+def time_mask_audio(audio: np.ndarray, rng: np.random.Generator, max_seconds: float = 0.4, every_seconds: float = 1.0,
+                    sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """The reference's adaptive time mask on a waveform (its AdaptiveTimeMask(6400, 16000)): one mask per started
+    second, each zeroing a run of U{0 .. 0.4 s} samples. As the reference draws them, each mask's start is uniform
+    over [0, len - t) for another U{0 .. 0.4 s} draw t (no mask when t is 0 or not shorter than the clip); masks may
+    overlap, and a run is cut at the clip's end."""
+    audio = audio.copy()
+    window, stride = int(max_seconds * sampling_rate), int(every_seconds * sampling_rate)
+    length = len(audio)
+    for _ in range(-(-length // stride)):
+        bound, width = (int(x) for x in rng.integers(0, window, size=2))
+        if bound == 0 or bound >= length:
+            continue
+        start = int(rng.integers(0, length - bound))
+        audio[start : start + width] = 0
+    return audio
+
+
 def random_crop(frames: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     h, w = frames.shape[1:3]
     if h < size or w < size:
@@ -68,7 +88,8 @@ class AVSRDataCollator:
 
     train: augment (noise, random crop, time masking). eval_noise: a fixed noise condition at evaluation (e.g.
     NoiseSpec("babble", (0.0,))), seeded per utterance. babble_pool: audio paths the babble is drawn from (the training
-    split: never the utterance itself).
+    split: never the utterance itself). audio_time_mask: the reference's waveform time masking (`time_mask_audio`),
+    before the noise as in the reference; training only, off by default.
     """
 
     processor: object
@@ -77,6 +98,7 @@ class AVSRDataCollator:
     eval_noise: NoiseSpec | None = None
     babble_pool: list[str] = field(default_factory=list)
     video_time_mask: bool = True
+    audio_time_mask: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -112,7 +134,10 @@ class AVSRDataCollator:
         processor = self.processor
         audio = videos = None
         if processor.uses_audio:
-            audio = [self._noisy(read_audio(row["audio_path"]), row) for row in rows]
+            audio = [read_audio(row["audio_path"]) for row in rows]
+            if self.train and self.audio_time_mask:
+                audio = [time_mask_audio(clip, self._rng) for clip in audio]
+            audio = [self._noisy(clip, row) for clip, row in zip(audio, rows)]
         if processor.uses_video:
             videos = [read_video(row["video_path"], min_size=processor.video_crop_size) for row in rows]
             if self.train:
@@ -123,4 +148,5 @@ class AVSRDataCollator:
         return processor(audio=audio, videos=videos, text=[row["text"] for row in rows])
 
 
-__all__ = ["AVSRDataCollator", "NoiseSpec", "mix_at_snr", "time_mask_video", "random_crop", "REFERENCE_SNRS_DB"]
+__all__ = ["AVSRDataCollator", "NoiseSpec", "mix_at_snr", "time_mask_audio", "time_mask_video", "random_crop",
+           "REFERENCE_SNRS_DB"]

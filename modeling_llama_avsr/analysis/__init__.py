@@ -11,7 +11,18 @@ plots.py       the paper's figures; report.py  JSON + markdown + figures, `llama
 callbacks.py   SinkMonitorCallback for Trainer
 """
 
-from .act import ACTConfig, act_calibration, calibrate, disable_act, enable_act, search_act_heads
+from .act import (
+    ACTConfig,
+    ACTSession,
+    HeadSearchResult,
+    act_calibration,
+    active_session,
+    calibrate,
+    disable_act,
+    enable_act,
+    find_sinks,
+    search_act_heads,
+)
 from .callbacks import SinkMonitorCallback, sink_metrics, sink_report
 from .hooks import Measurement, attention_implementation, decoder_of, measure, record_attention_scores
 from .interventions import Rotation, nearest_non_sink, rotate_hidden_state, rotate_toward
@@ -37,6 +48,8 @@ from .tokens import TOKEN_TYPE_NAMES, processor_token_types, token_types
 
 __all__ = [
     "ACTConfig",
+    "ACTSession",
+    "HeadSearchResult",
     "LayerActivationStats",
     "MLPOrigin",
     "Measurement",
@@ -48,6 +61,7 @@ __all__ = [
     "Sinks",
     "TOKEN_TYPE_NAMES",
     "act_calibration",
+    "active_session",
     "add_analyze_arguments",
     "analyze",
     "attention_implementation",
@@ -59,6 +73,7 @@ __all__ = [
     "detect_sinks",
     "disable_act",
     "enable_act",
+    "find_sinks",
     "first_massive_layer",
     "layer_statistics",
     "massive_activations",

@@ -524,6 +524,9 @@ def test_analyze_writes_report_and_figures(avsr, tmp_path):
         assert target not in every_sink
         between = range(min(token, target) + 1, max(token, target))
         assert all(p in every_sink for p in between)  # nothing closer was free
+    # Eq. 9 picks a token far enough from the end for the rule to tell whether it became a sink.
+    eq9 = saved["interventions"][1]
+    assert eq9["toward"] == "bos" and eq9["tokens"][0] <= saved["num_tokens"] - 8
     # The figures name tokens by their position in the sample, not in the padded tensor.
     figure = plot_intervention(eq8, None)
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]

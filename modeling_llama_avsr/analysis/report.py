@@ -177,9 +177,11 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
             effect["description"] = (f"eq. 8: intermediate sinks {effect['tokens']} rotated toward f(i) "
                                      f"({eq8_toward})")
             rotations.append((after, effect))
-        # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made.
+        # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made;
+        # among the tokens that enough queries see from afar, or the rule could not tell whether it became a sink.
+        judged = distant_query_counts(valid[None], 1, len(valid), sinks.window)[0] >= sinks.min_queries
         ordinary = [p for p in valid.nonzero().flatten().tolist()
-                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS)]
+                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS) and judged[p]]
         if ordinary:
             layer = (first_entry - 1) if first_entry else min(2, num_layers - 1)
             token = ordinary[int(cosine[0, layer, ordinary].argmin())]

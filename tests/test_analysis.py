@@ -273,6 +273,24 @@ def test_hooked_scores_equal_eager_maps(avsr, query_chunk):
     torch.testing.assert_close(recorder.relative_scores()[valid], relative[valid], rtol=1e-5, atol=1e-5)
 
 
+def test_visible_keys_reads_every_mask_form():
+    # What an attention function may receive: None (causal), sdpa's 4D bool, eager's 4D additive float, flash's 2D
+    # padding mask; all describe the same keys.
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    from modeling_llama_avsr.analysis.hooks import visible_keys
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None] & padding[:, None, :]
+    common = dict(batch_size=2, q_length=5, kv_length=5, attention_mask=padding)
+    torch.testing.assert_close(visible_keys(sdpa_mask(**common, allow_is_causal_skip=False), 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(eager_mask(**common), 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(padding, 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(None, 3, 5, "cpu")[0], torch.tril(torch.ones(3, 5, dtype=torch.bool), 2))
+    with pytest.raises(TypeError, match="BlockMask"):
+        visible_keys(object(), 5, 5, "cpu")
+
+
 def test_measure_sees_act(avsr):
     # Under ACT, the measured scores are eq. 5 of the calibrated maps an eager forward returns under the same ACT,
     # and the hidden states are those of the calibrated forward.

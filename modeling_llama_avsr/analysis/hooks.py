@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .statistics import SINK_WINDOW, distant_query_counts, keys_seen, visible_query_counts
+from .statistics import SINK_WINDOW, detect_sinks, distant_query_counts, keys_seen, visible_query_counts
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +135,10 @@ class AttentionScoreRecorder:
         groups = heads // key.shape[1]
         for start in range(0, q_len, self.query_chunk):
             stop = min(start + self.query_chunk, q_len)
-            chunk_mask = mask
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
                 chunk_mask = mask[:, :, start:stop]
-            elif mask is None or mask.dim() == 2:  # causal rows of this chunk, aligned bottom-right
-                rows = visible_keys(mask, q_len, k_len, query.device)[:, start:stop]
-                chunk_mask = rows[:, None]
+            else:  # None or a 2D padding mask: this chunk's causal rows (visible_keys rejects anything else)
+                chunk_mask = visible_keys(mask, q_len, k_len, query.device)[:, None, start:stop]
             probs = attention_probabilities(query[:, :, start:stop], key, chunk_mask, scaling, groups,
                                             valid_queries[:, start:stop])
             self._add(module.layer_idx, probs, start, q_len, valid_keys)
@@ -280,8 +278,6 @@ class Measurement:
 
     def sinks(self, **rule):
         """`detect_sinks` on this forward (keyword arguments: threshold, min_queries)."""
-        from .statistics import detect_sinks
-
         return detect_sinks(self.relative_scores, self.attention_mask, window=self.window, **rule)
 
 

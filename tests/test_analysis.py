@@ -621,3 +621,74 @@ def test_analyze_command_on_a_causal_lm_folder(tmp_path, capsys):
     assert "BOS sink" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["num_tokens"] == 13 and report["tokens"][0] == "<s>"
+
+
+def test_sink_monitor_steps_and_profile(avsr):
+    """The monitor measures at the asked optimizer steps (0 = before any update) without an evaluation, and its
+    profile agrees with an independent computation from eager maps and hidden states."""
+    model, processor, batch, _ = avsr
+    from modeling_llama_avsr.analysis import processor_token_types, sink_profile
+
+    types = processor_token_types(processor, batch)
+
+    class State:
+        global_step = 0
+
+    callback = SinkMonitorCallback(dict(batch), threshold=1.5, types=types, steps=[0, 3])
+    state = State()
+    callback.on_train_begin(None, state, None, model=model)
+    for step in (1, 2, 3, 4):
+        state.global_step = step
+        callback.on_step_end(None, state, None, model=model)
+    assert [entry["step"] for entry in callback.history] == [0, 3]
+    profile = callback.history[0]["profile"]
+    json.dumps(callback.history)
+
+    decoder = decoder_of(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True, output_hidden_states=True)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    mask = batch["attention_mask"].bool()
+    sinks = detect_sinks(relative_attention_scores(out.attentions, mask), mask, threshold=1.5)
+    layers = range(2, len(out.attentions))
+    bos = mask.long().argmax(-1)
+    assert profile["bos_sink_fraction"] == pytest.approx(
+        sum(bool(sinks.bos[b, l]) for b in range(len(mask)) for l in layers) / (len(mask) * len(layers)))
+    sink_cos, other_cos = [], []
+    for b in range(len(mask)):
+        is_sink = sinks.intermediate[b, list(layers)].any(0)
+        for l in layers:
+            h = out.hidden_states[l][b]  # the hidden state entering decoder layer l
+            cos = torch.nn.functional.cosine_similarity(h, h[bos[b]][None], dim=-1)
+            for p in range(mask.shape[1]):
+                if not mask[b, p] or p == bos[b]:
+                    continue
+                if sinks.intermediate[b, l, p]:
+                    sink_cos.append(float(cos[p]))
+                elif not is_sink[p]:
+                    other_cos.append(float(cos[p]))
+    assert profile["cos_bos"]["num_sinks"] == len(sink_cos) > 0
+    assert profile["cos_bos"]["sinks"] == pytest.approx(sum(sink_cos) / len(sink_cos), abs=1e-5)
+    assert profile["cos_bos"]["others"] == pytest.approx(sum(other_cos) / len(other_cos), abs=1e-5)
+    by_type = profile["intermediate_by_type"]
+    assert sum(by_type.values()) == pytest.approx(float(sinks.intermediate[:, list(layers)].any(1).sum(-1).float().mean()))
+
+    # Massive features, at a tau low enough for a tiny random model to have some.
+    from modeling_llama_avsr.analysis import measure
+
+    raw = measure(model, dict(batch)).raw_hidden_states
+    assert all(torch.allclose(r, h, atol=1e-5) for r, h in zip(raw[2:-1], out.hidden_states[2:-1]))
+    tau = 3.0
+    low = sink_profile(sinks, raw, mask, types, tau=tau)
+    expected_bos, expected_ratio = set(), 0.0
+    for l in layers:
+        for b in range(len(mask)):
+            h = raw[l][b].abs()
+            median = h[mask[b]].median()
+            expected_bos |= set((h[bos[b]] >= tau * median).nonzero().flatten().tolist())
+            expected_ratio = max(expected_ratio, float((h[mask[b]] / median).max()))
+    assert set(low["massive"]["features_bos"]) == expected_bos
+    assert low["massive"]["max_ratio"] == pytest.approx(expected_ratio, rel=1e-5)

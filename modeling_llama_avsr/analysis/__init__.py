@@ -23,7 +23,7 @@ from .act import (
     find_sinks,
     search_act_heads,
 )
-from .callbacks import SinkMonitorCallback, sink_metrics, sink_report
+from .callbacks import SinkMonitorCallback, sink_metrics, sink_profile, sink_report
 from .hooks import Measurement, attention_implementation, decoder_of, measure, record_attention_scores
 from .interventions import Rotation, nearest_non_sink, rotate_hidden_state, rotate_toward
 from .origin import MLPOrigin, mlp_origin
@@ -89,6 +89,7 @@ __all__ = [
     "run_analyze",
     "search_act_heads",
     "sink_metrics",
+    "sink_profile",
     "sink_report",
     "summary_markdown",
     "token_types",

@@ -20,10 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def sink_report(model, batch, threshold: float = SINK_THRESHOLD, min_queries: int = SINK_MIN_QUERIES,
-                types: torch.Tensor | None = None) -> dict:
+                types: torch.Tensor | None = None, tau: float = 1000.0) -> dict:
     """One measured forward of the probe `batch` (under whatever attention the model runs, ACT included), summarised
-    in plain JSON-ready values: `metrics` (the scalars of `sink_metrics`) and `sinks` (`Sinks.summary`: every
-    intermediate sink of every sample with its layers, and its token type when `types` (B, N) is given)."""
+    in plain JSON-ready values: `metrics` (the scalars of `sink_metrics`), `sinks` (`Sinks.summary`: every
+    intermediate sink of every sample with its layers, and its token type when `types` (B, N) is given) and
+    `profile` (`sink_profile`: what the paper's claims are about)."""
     run = measure(model, dict(batch))
     run.logits = None  # not needed; frees the (B, N, V) tensor early
     mask = batch.get("attention_mask")
@@ -46,7 +47,75 @@ def sink_report(model, batch, threshold: float = SINK_THRESHOLD, min_queries: in
         "sinks/max_activation_ratio": float(stats.ratio[:, inner].amax(1).mean()),
         "sinks/prefix_cos_bos": float((cosine * weights).sum() / weights.sum().clamp(min=1)),
     }
-    return {"metrics": metrics, "sinks": sinks.summary(None if types is None else types.cpu())}
+    types = None if types is None else types.cpu()
+    raw = tuple(h.cpu() for h in run.raw_hidden_states)
+    return {"metrics": metrics, "sinks": sinks.summary(types),
+            "profile": sink_profile(sinks, raw, valid, types, tau)}
+
+
+def sink_profile(sinks, raw_hidden_states, valid: torch.Tensor, types: torch.Tensor | None = None,
+                 tau: float = 1000.0) -> dict:
+    """The quantities the paper's claims are about, over a probe batch, in eq. 10's layers (decoder layers 2..L-1):
+
+    bos_sink_fraction: share of (sample, layer) where the BOS is a sink; intermediate_per_layer: intermediate sinks
+    per sample in each decoder layer; intermediate_by_type: per sample, the positions that are an intermediate sink
+    in any of those layers, by token type (when `types` is given); massive: eq. 6 with `tau` on the raw hidden states
+    (entry l = output of decoder layer l-1, none normed): the largest |H| / median ratio and the feature and token
+    type where it occurs, the feature indices massive on the BOS, on intermediate sinks and on the other tokens, and
+    the share of the other tokens that carry any massive feature ("massive activations only on sinks"); cos_bos: the
+    mean cosine to the BOS of the intermediate sinks (hidden state entering the layer where each is a sink) and of
+    every other non-BOS token (over the same layers)."""
+    from .tokens import TOKEN_TYPE_NAMES
+
+    num_layers = sinks.mask.shape[1]
+    layers = list(range(2, num_layers))  # decoder layers; a sink in layer l sees hidden-states entry l
+    batch, length = valid.shape
+    bos = bos_positions(valid, batch)
+    is_bos = torch.nn.functional.one_hot(bos, length).bool()
+    intermediate = sinks.intermediate[:, layers].cpu()  # (B, l, N)
+    any_sink = intermediate.any(1)  # (B, N)
+    others = valid & ~is_bos & ~any_sink
+    cosine = bos_cosine_similarity(raw_hidden_states, valid)[:, layers]  # (B, l, N): entry l of each layer l
+    sink_cos = cosine[intermediate]
+    other_cos = cosine[others[:, None, :].expand_as(cosine)]
+
+    massive_bos, massive_sink, massive_other = set(), set(), set()
+    others_with_massive = 0
+    best = (0.0, None, None)
+    for entry in layers:
+        hidden = raw_hidden_states[entry].float().abs()
+        median = torch.stack([hidden[b][valid[b]].median() for b in range(batch)])
+        ratio = hidden / median.clamp(min=torch.finfo(torch.float32).tiny)[:, None, None]
+        ratio = torch.where(valid[..., None], ratio, 0.0)
+        massive = ratio >= tau
+        for b in range(batch):
+            massive_bos.update(massive[b, bos[b]].nonzero().flatten().tolist())
+            massive_sink.update(massive[b][any_sink[b]].any(0).nonzero().flatten().tolist())
+            massive_other.update(massive[b][others[b]].any(0).nonzero().flatten().tolist())
+        others_with_massive += int((massive.any(-1) & others).sum())
+        top = float(ratio.max())
+        if top > best[0]:
+            b, token, feature = (int(i) for i in torch.unravel_index(ratio.argmax(), ratio.shape))
+            kind = TOKEN_TYPE_NAMES[int(types[b, token])] if types is not None else ("BOS" if token == bos[b] else
+                                                                                      "other")
+            best = (top, feature, kind)
+    by_type = {}
+    if types is not None:
+        for code in types[any_sink].tolist():
+            by_type[TOKEN_TYPE_NAMES[code]] = by_type.get(TOKEN_TYPE_NAMES[code], 0) + 1 / batch
+    mean = lambda values: float(values.float().mean()) if values.numel() else None  # noqa: E731
+    return {
+        "layers": [layers[0], layers[-1]],
+        "bos_sink_fraction": float(sinks.bos[:, layers].float().mean()),
+        "intermediate_per_layer": (intermediate.sum((0, 2)).float() / batch).tolist(),
+        "intermediate_positions": float(any_sink.sum(-1).float().mean()),
+        "intermediate_by_type": by_type,
+        "massive": {"max_ratio": best[0], "max_feature": best[1], "max_token_type": best[2],
+                    "features_bos": sorted(massive_bos), "features_sinks": sorted(massive_sink),
+                    "features_others": sorted(massive_other),
+                    "others_share": others_with_massive / max(1, int(others.sum()) * len(layers))},
+        "cos_bos": {"sinks": mean(sink_cos), "others": mean(other_cos), "num_sinks": int(sink_cos.numel())},
+    }
 
 
 def sink_metrics(model, batch, threshold: float = SINK_THRESHOLD, min_queries: int = SINK_MIN_QUERIES) -> dict:
@@ -60,22 +129,25 @@ def sink_metrics(model, batch, threshold: float = SINK_THRESHOLD, min_queries: i
 
 
 class SinkMonitorCallback(TrainerCallback):
-    """At each evaluation, measure `sink_report` on a fixed probe batch (given at construction, e.g. a few dev
-    samples from the collator) and log its metrics.
+    """Measure `sink_report` on a fixed probe batch (given at construction, e.g. a few dev samples from the
+    evaluation collator) at each evaluation, and, with `steps`, at those optimizer steps too (0 = the model before
+    its first update), without running an evaluation.
 
-    The metrics go into the evaluation metrics (prefixed `eval_`); Trainer has already logged those when callbacks
-    run, so for TensorBoard pass the trainer (`SinkMonitorCallback(probe, trainer=trainer)` or `.attach(trainer)`),
-    and they are logged through `trainer.log` at the current step. `history` keeps, per evaluation, the step, the
-    metrics and the full sink summary (plain JSON-ready values: `json.dumps(callback.history)`). `types` (B, N) token
-    types of the probe (tokens.processor_token_types) name the sinks' token types in the summary."""
+    At an evaluation the metrics go into the evaluation metrics (prefixed `eval_`); Trainer has already logged those
+    when callbacks run, so for TensorBoard pass the trainer (`SinkMonitorCallback(probe, trainer=trainer)` or
+    `.attach(trainer)`), and they are logged through `trainer.log` at the current step. `history` keeps, per
+    measurement, the step, the metrics, the full sink summary and the profile (plain JSON-ready values:
+    `json.dumps(callback.history)`). `types` (B, N) token types of the probe (tokens.processor_token_types) name the
+    sinks' token types."""
 
     def __init__(self, probe_batch, threshold: float = SINK_THRESHOLD, trainer=None,
-                 min_queries: int = SINK_MIN_QUERIES, types: torch.Tensor | None = None):
+                 min_queries: int = SINK_MIN_QUERIES, types: torch.Tensor | None = None, steps=()):
         self.probe_batch = dict(probe_batch)
         self.threshold = threshold
         self.min_queries = min_queries
         self.types = types
         self.trainer = trainer
+        self.steps = {int(step) for step in steps}
         self.history = []
 
     def attach(self, trainer):
@@ -83,9 +155,7 @@ class SinkMonitorCallback(TrainerCallback):
         trainer.add_callback(self)
         return self
 
-    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if model is None:
-            return
+    def _measure(self, model, step: int) -> dict:
         model = getattr(model, "module", model)
         device = next(model.parameters()).device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.probe_batch.items()}
@@ -95,13 +165,27 @@ class SinkMonitorCallback(TrainerCallback):
             report = sink_report(model, batch, self.threshold, self.min_queries, self.types)
         finally:
             model.train(training)
-        values = report["metrics"]
-        self.history.append({"step": state.global_step, **values, "sinks": report["sinks"]})
-        logger.info("sink monitor at step %d: %s", state.global_step, values)
+        self.history.append({"step": step, **report["metrics"], "sinks": report["sinks"],
+                             "profile": report["profile"]})
+        logger.info("sink monitor at step %d: %s", step, report["metrics"])
+        return report["metrics"]
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.global_step in self.steps:
+            self._measure(model, state.global_step)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is not None and state.global_step in self.steps:
+            self._measure(model, state.global_step)
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if model is None:
+            return
+        values = self._measure(model, state.global_step)
         if metrics is not None:
             metrics.update({f"eval_{key}": value for key, value in values.items()})
         if self.trainer is not None:
             self.trainer.log({f"eval_{key}": value for key, value in values.items()})
 
 
-__all__ = ["SinkMonitorCallback", "sink_metrics", "sink_report"]
+__all__ = ["SinkMonitorCallback", "sink_metrics", "sink_profile", "sink_report"]

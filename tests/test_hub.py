@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from modeling_llama_avsr import AVHubertConfig, LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
-from modeling_llama_avsr.hub import LIGHT_WEIGHTS_NAME, checkpoint_size, model_card, push_to_hub, save_for_hub
+from modeling_llama_avsr.hub import ADAPTER_WEIGHTS_NAME, checkpoint_size, model_card, push_to_hub, save_for_hub
 
 from remote_code import remote_logits_match
 from tiny import random_clips, tiny_config, tiny_tokenizer
@@ -72,7 +72,8 @@ def test_full_and_light_reload_to_identical_logits(parts, tmp_path, modality):
     light_config = json.loads((tmp_path / "light" / "config.json").read_text())
     assert light_config["light_checkpoint"] is True
     assert light_config["base_components"]["text_model"] == parts["text_model"]
-    assert (tmp_path / "light" / LIGHT_WEIGHTS_NAME).is_file() and not (tmp_path / "light" / "model.safetensors").exists()
+    assert (tmp_path / "light" / ADAPTER_WEIGHTS_NAME).is_file() and not (tmp_path / "light" / "model.safetensors").exists()
+    assert json.loads((tmp_path / "light" / "adapter_config.json").read_text())["peft_type"] == "LORA"
     assert checkpoint_size(tmp_path / "light") < checkpoint_size(tmp_path / "full")
 
     for kind in ("full", "light"):
@@ -99,14 +100,18 @@ def test_light_keeps_trained_encoder_and_added_rows(parts, tmp_path):
 
     model, processor = compose(parts, "avsr")
     save_for_hub(model, processor, tmp_path, kind="light", pipeline_code=False)
-    tensors = load_file(tmp_path / LIGHT_WEIGHTS_NAME)
-    # The video encoder was trained (freeze_video_encoder=False) and has no pretrained source: it is saved.
-    assert any(k.startswith("model.video_encoder.") for k in tensors)
-    assert not any(k.startswith(("model.audio_encoder.", "model.language_model.layers.0.mlp")) for k in tensors)
+    tensors = load_file(tmp_path / ADAPTER_WEIGHTS_NAME)
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    # The video encoder was trained (freeze_video_encoder=False) and has no pretrained source: it is saved whole.
+    assert adapter["modules_to_save"] == ["model.audio_projector", "model.video_projector", "model.video_encoder"]
+    assert any(k.startswith("base_model.model.model.video_encoder.") for k in tensors)
+    assert not any(k.startswith(("base_model.model.model.audio_encoder.",
+                                 "base_model.model.model.language_model.layers.0.mlp")) for k in tensors)
     assert any("lora_A" in k for k in tensors) and any("_projector." in k for k in tensors)
-    rows = tensors["added_rows.model.language_model.embed_tokens.weight"]
-    assert rows.shape == (len(processor.tokenizer) - model.config.base_components["text_vocab_size"],
-                          model.config.text_config.hidden_size)
+    rows = tensors["base_model.model.model.language_model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    added = list(range(model.config.base_components["text_vocab_size"], len(processor.tokenizer)))
+    assert adapter["trainable_token_indices"] == {"model.language_model.embed_tokens": added}
+    torch.testing.assert_close(rows, model.get_input_embeddings().weight[added].detach(), rtol=0, atol=0)
     assert "custom_pipelines" not in json.loads((tmp_path / "config.json").read_text())
 
 
@@ -137,7 +142,7 @@ def test_model_card_contents(parts):
     for text in ("modality | AVSR", "compression | avg, rates: audio 4 (80 ms per token), video 2 (80 ms per token)",
                  "decorrelation weight lambda | 100", "| clean | 5.12 | 200 |", "| babble 0 dB | 23.91 | 200 |",
                  "## Intended use and limitations", "## Licences of the components", "LoRA rank 4, alpha 8",
-                 "pipeline_tag: automatic-speech-recognition", "me/llama-avsr-tiny", "light: projectors"):
+                 "me/llama-avsr-tiny", "light (peft adapter)"):
         assert text in card, text
     assert "No evaluation was recorded" in model_card(model)
 
@@ -173,7 +178,7 @@ def test_push_to_hub_uploads_the_prepared_folder(parts, monkeypatch):
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     assert push_to_hub(model, processor, "me/tiny", kind="light", evaluation=SUMMARY, private=True) == "commit"
     assert calls["create"] == ("me/tiny", {"private": True, "exist_ok": True})
-    assert {LIGHT_WEIGHTS_NAME, "README.md", "config.json", "processor_config.json", "pipeline_llama_avsr.py",
+    assert {ADAPTER_WEIGHTS_NAME, "adapter_config.json", "README.md", "config.json", "processor_config.json", "pipeline_llama_avsr.py",
             "modeling_llama_avsr.py", "tokenization_llama_avsr.py", "configuration_llama_avsr.py",
             "generation_config.json", "tokenizer.json"} <= set(calls["files"])
     assert "hub.py" not in calls["files"]  # the model no longer reaches up into the Hub code

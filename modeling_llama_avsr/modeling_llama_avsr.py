@@ -717,14 +717,19 @@ def _load_light_checkpoint(cls, pretrained_model_name_or_path, adapter_config_fi
         # Rebuilt from this module's sibling class: under trust_remote_code the config's own class may come from
         # another dynamic module, and from_components recognises a config by its class.
         video_encoder = AVHubertConfig(**config.video_config.to_dict())
-    model = cls.from_components(
-        text_model=components["text_model"],
-        audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
-        video_encoder=video_encoder,
-        modality=config.modality,
-        dtype=dtype,
-        **{name: getattr(config, name) for name in COMPOSE_FIELDS},
-    )
+    try:
+        model = cls.from_components(
+            text_model=components["text_model"],
+            audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
+            video_encoder=video_encoder,
+            modality=config.modality,
+            dtype=dtype,
+            **{name: getattr(config, name) for name in COMPOSE_FIELDS},
+        )
+    except OSError as e:  # a component that cannot be found or fetched: say which base this folder asked for
+        named = {k: v for k, v in components.items() if k in ("text_model", "audio_encoder", "video_encoder") and v}
+        raise OSError(f"{pretrained_model_name_or_path}: cannot compose the base of this light checkpoint from "
+                      f"{named} ({e}). Pass base_components={{...}} to from_pretrained to use other copies.") from e
     for name in ADDED_TOKEN_ID_NAMES:
         if getattr(model.config, name) != getattr(config, name):
             raise ValueError(

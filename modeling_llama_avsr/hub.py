@@ -160,7 +160,7 @@ def save_light_checkpoint(model, save_directory, base_components: dict | None = 
     save_directory = Path(save_directory)
     save_directory.mkdir(parents=True, exist_ok=True)
     components = _base_components(model, base_components, required=require_base)
-    portable, offline = _portable(components)
+    portable, offline = _portable(components, warn=False)
     config = model.config.__class__.from_dict(model.config.to_dict())
     config.light_checkpoint = True
     config.base_components = portable
@@ -431,6 +431,7 @@ def save_for_hub(model, processor, save_directory, kind: str = "full", base_comp
     save_directory.mkdir(parents=True, exist_ok=True)
     if kind == "light":
         components = _base_components(model, base_components)
+        _portable(components)  # warns about components that exist only on this machine
         save_light_checkpoint(model, save_directory, components, repo_id=repo_id)
     else:
         components = base_components

@@ -27,6 +27,8 @@ class AVSRTrainingArguments(TrainingArguments):
         EarlyStoppingCallback). `metric_for_best_model="wer"` is minimised.
     """
 
+    _argument_group_name = "training (transformers' TrainingArguments, and the Llama-AVSR additions)"
+
     decorrelation_weight: float = field(
         default=0.0, metadata={"help": "lambda of L = CE + lambda * L_decor; 0 disables the decorrelation loss."}
     )

@@ -30,7 +30,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .configuration_llama_avsr import OFFLINE_COMPONENT_HUB_IDS, resolve_component
-from .modeling_llama_avsr import ADAPTER_WEIGHTS_NAME, light_tensors, light_token_ids
+from .modeling_llama_avsr import ADAPTER_WEIGHTS_NAME, light_tensors, light_token_ids, light_token_modules
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _adapter_config(model, modules: list[str], token_ids: list[int], base_model_
     from peft import LoraConfig
 
     config = model.config
-    token_modules = ["model.language_model.embed_tokens"] + ([] if config.tie_word_embeddings else ["lm_head"])
+    token_modules = light_token_modules(config)  # tied output embeddings follow the input ones inside peft
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,

@@ -522,7 +522,7 @@ def light_token_ids(config, text_vocab_size: int | None = None) -> list[int]:
     return sorted(ids)
 
 
-def _token_modules(config) -> list[str]:
+def light_token_modules(config) -> list[str]:
     # Tied output embeddings share the rows (peft ties its adapter to the input one); untied ones store theirs too.
     return [INPUT_EMBEDDINGS] if config.tie_word_embeddings else [INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS]
 
@@ -537,7 +537,7 @@ def _light_layout(model, modules_to_save, token_ids) -> dict[str, str]:
         for key in model.get_submodule(module_name).state_dict():
             layout[f"{PEFT_PREFIX}{module_name}.{key}"] = f"{module_name}.{key}"
     if token_ids:
-        for module_name in _token_modules(model.config):
+        for module_name in light_token_modules(model.config):
             layout[f"{PEFT_PREFIX}{module_name}.{TOKEN_ROWS}"] = f"{module_name}.weight"
     return layout
 

@@ -219,6 +219,52 @@ def test_peft_and_transformers_load_the_light_folder(parts, tmp_path):
         torch.testing.assert_close(base.eval()(**inputs).logits, expected, rtol=0, atol=0)
 
 
+def test_untied_output_embeddings_keep_their_added_rows(tmp_path):
+    # An LLM whose lm_head is not tied to its embeddings (Llama 3 8B, ...): the added rows of both are stored.
+    from peft import PeftModel
+
+    from modeling_llama_avsr.hub import save_light_checkpoint
+    from modeling_llama_avsr.modeling_llama_avsr import load_light_weights
+
+    config = tiny_config("asr")
+    config.tie_word_embeddings = config.text_config.tie_word_embeddings = False
+
+    def base():
+        torch.manual_seed(0)
+        return LlamaAVSRForConditionalGeneration(config).eval()
+
+    trained = base()
+    assert trained.lm_head.weight is not trained.get_input_embeddings().weight
+    added = sorted(getattr(config, name) for name in ("audio_start_token_id", "audio_end_token_id",
+                                                      "video_start_token_id", "video_end_token_id", "audio_token_id",
+                                                      "video_token_id"))
+    with torch.no_grad():
+        for param in trained.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+        trained.get_input_embeddings().weight[added] += 1.0
+        trained.lm_head.weight[added] -= 1.0
+    save_light_checkpoint(trained, tmp_path, require_base=False)
+    adapter = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert adapter["trainable_token_indices"] == {"model.language_model.embed_tokens": added, "lm_head": added}
+
+    inputs = inputs_for(tiny_processor_for(config), "asr")
+    with torch.no_grad():
+        expected = trained(**inputs).logits
+        torch.testing.assert_close(load_light_weights(base(), tmp_path)(**inputs).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(PeftModel.from_pretrained(base(), tmp_path).eval()(**inputs).logits, expected,
+                                   rtol=0, atol=0)
+    # without base components it resumes training, but cannot be composed on its own
+    with pytest.raises(ValueError, match="names no base components"):
+        LlamaAVSRForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def tiny_processor_for(config):
+    from tiny import tiny_processor
+
+    return tiny_processor(config.modality, config.audio_compression_rate, config.video_compression_rate)
+
+
 def edited_copy(source, target, edit_config=None, edit_file=None):
     shutil.copytree(source, target)
     if edit_config is not None:

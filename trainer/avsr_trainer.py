@@ -3,21 +3,35 @@
 Batches are `LlamaAVSRProcessor` outputs with labels (left-padded; the collator may add more padding). Evaluation
 batches are the same teacher-forced batches: the eval loss uses them as they are, and the prompt-only inputs that
 `generate()` needs are rebuilt from them with `prompt_only` (the transcript and EOS are exactly the labelled tokens).
+
+Checkpoints and resumption. `checkpoint-N` folders are light checkpoints (`light_checkpoints`, on by default): only
+what training changes (LoRA, projectors, trained encoders, the added-token rows) in peft's adapter format, beside
+Trainer's optimizer, scheduler, RNG and trainer state; `save_model` still writes every weight. A resumed run is
+exact: the group_by_length order of an epoch is drawn from (seed, epoch), not from the global RNG, and the training
+collator is told the epoch (`set_epoch`) so that it can draw each utterance's augmentation from (seed, epoch,
+utterance) (`AVSRDataCollator` does).
 """
 
+import logging
+import os
 from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import seed_worker
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .decorrelation import decorrelation_loss
 from .metrics import word_error_rate
 from .training_args import AVSRTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # Keys of a teacher-forced batch that generate() must not see.
@@ -70,6 +84,10 @@ class LogitsToKeepCollator:
     def __init__(self, collator):
         self.collator = collator
 
+    def set_epoch(self, epoch: int):
+        if hasattr(self.collator, "set_epoch"):
+            self.collator.set_epoch(epoch)
+
     def __call__(self, features):
         batch = self.collator(features)
         labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
@@ -82,6 +100,43 @@ class LogitsToKeepCollator:
             first = torch.where(labelled.any(-1), labelled.to(torch.uint8).argmax(-1), labels.shape[-1])
             batch["logits_to_keep"] = int(labels.shape[-1] - first.min()) + 1
         return batch
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' group_by_length sampler, drawing each epoch's order from a generator seeded with seed + epoch
+    (as accelerate's seedable random sampler does) instead of the global RNG, whose state at the start of an epoch
+    a resumed run cannot reproduce. Trainer calls `set_epoch` before every epoch, the resumed one included."""
+
+    def __init__(self, batch_size: int, lengths, seed: int = 0):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the training collator which epoch starts (DataLoader workers fork after this, so they see it too)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "set_epoch"):
+            # state.epoch is epoch + fraction done: an integer here, or mid-epoch when a run resumes
+            self.trainer.data_collator.set_epoch(int(state.epoch or 0))
+
+
+def _is_light_checkpoint(folder) -> bool:
+    from modeling_llama_avsr.modeling_llama_avsr import ADAPTER_WEIGHTS_NAME
+
+    folder = Path(folder)
+    return (folder / ADAPTER_WEIGHTS_NAME).is_file() and not any(folder.glob("model*.safetensors"))
 
 
 class EvalCollatorTrainer(Trainer):
@@ -145,6 +200,14 @@ class AVSRTrainer(EvalCollatorTrainer):
         # Detached running sums of what compute_loss adds to the loss, per phase; reduced in log() / evaluation_loop.
         self._aux_sums = {"train": {}, "eval": {}}
         self._aux_counts = {"train": 0.0, "eval": 0.0}
+        self._saving_checkpoint = False
+        self.add_callback(_CollatorEpoch(self))
+        if self.args.early_stopping_patience is not None:
+            self.add_callback(EarlyStoppingCallback(self.args.early_stopping_patience,
+                                                    self.args.early_stopping_threshold))
+        if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+            logger.warning("dataloader_persistent_workers: the workers keep the collator of the first epoch, so its "
+                           "augmentation repeats every epoch and a resumed run draws other augmentation")
 
     # ---- loss ----------------------------------------------------------------------------------------------------
 
@@ -224,7 +287,58 @@ class AVSRTrainer(EvalCollatorTrainer):
             logs = {**logs, **self._reduce_aux("train")}
         super().log(logs, start_time)
 
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """checkpoint-N: a light checkpoint (see the module docstring); anything else (save_model): every weight.
+        Sharded models (DeepSpeed, FSDP) keep Trainer's own saving."""
+        if not (self._saving_checkpoint and self.args.light_checkpoints) or self.is_deepspeed_enabled \
+                or self.is_fsdp_enabled:
+            return super()._save(output_dir, state_dict)
+        from modeling_llama_avsr.hub import save_light_checkpoint
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_light_checkpoint(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir,
+                              require_base=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not _is_light_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from modeling_llama_avsr.modeling_llama_avsr import load_light_weights
+
+        logger.info("Loading the trained tensors of %s", resume_from_checkpoint)
+        load_light_weights(self.accelerator.unwrap_model(model if model is not None else self.model),
+                           resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if not _is_light_checkpoint(self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        from modeling_llama_avsr.modeling_llama_avsr import load_light_weights
+
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_light_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
     # ---- batching ------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:  # its global-RNG order would not survive a resumption
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed=seed)
+        return sampler
 
     def get_train_dataloader(self):
         """Fixed batch sizes (Trainer's own), or batches filled up to `max_frames_per_batch` video frames."""
@@ -305,4 +419,4 @@ class AVSRTrainer(EvalCollatorTrainer):
                                        decode(references, skip_special_tokens=True))}
 
 
-__all__ = ["AVSRTrainer", "prompt_only"]
+__all__ = ["AVSRTrainer", "EpochSeededLengthGroupedSampler", "EvalCollatorTrainer", "prompt_only"]

@@ -19,7 +19,15 @@ class AVSRTrainingArguments(TrainingArguments):
         (markers, modality tokens, prompt: the tokens without labels), as the original code does.
     max_frames_per_batch (`int`, *optional*): batches filled up to this many padded video frames (`MaxFramesBatchSampler`).
     generation_num_beams, generation_max_new_tokens: decoding for the WER computed by `evaluate()`.
+    light_checkpoints (`bool`, defaults to True): `checkpoint-N` folders hold only what training changes (LoRA,
+        projectors, trained encoders, added-token rows; peft's adapter format) besides optimizer, scheduler and RNG
+        state, and training resumes from them; False: full copies. `save_model` writes every weight either way.
+    early_stopping_patience (`int`, *optional*), early_stopping_threshold (`float`): stop after this many evaluations
+        without an improvement of `metric_for_best_model` by more than the threshold (transformers'
+        EarlyStoppingCallback). `metric_for_best_model="wer"` is minimised.
     """
+
+    _argument_group_name = "training (transformers' TrainingArguments, and the Llama-AVSR additions)"
 
     decorrelation_weight: float = field(
         default=0.0, metadata={"help": "lambda of L = CE + lambda * L_decor; 0 disables the decorrelation loss."}
@@ -41,6 +49,20 @@ class AVSRTrainingArguments(TrainingArguments):
     )
     generation_num_beams: int = field(default=1, metadata={"help": "Beams for evaluation decoding."})
     generation_max_new_tokens: int = field(default=32, metadata={"help": "New tokens at most for evaluation decoding."})
+    light_checkpoints: bool = field(
+        default=True,
+        metadata={"help": "checkpoint-N folders hold only the trained tensors (LoRA, projectors, trained encoders, "
+                          "added-token rows) plus optimizer/scheduler/RNG state, and resume exactly; False: full "
+                          "copies of every weight. The final save_model is full either way."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None,
+        metadata={"help": "Stop after this many evaluations without improving --metric_for_best_model (needs "
+                          "--eval_strategy steps|epoch). None: no early stopping."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of --metric_for_best_model that counts as an improvement."}
+    )
     # Raw media columns of a datasets.Dataset are not forward() arguments, yet the collator needs them.
     remove_unused_columns: bool = field(
         default=False,
@@ -52,6 +74,9 @@ class AVSRTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        # transformers maximises any metric whose name does not end in "loss"; a word error rate is minimised.
+        if self.greater_is_better is None and self.metric_for_best_model in ("wer", "eval_wer"):
+            self.greater_is_better = False
         super().__post_init__()
         if self.decorrelation_weight < 0:
             raise ValueError(f"decorrelation_weight must be >= 0, got {self.decorrelation_weight}")
@@ -65,6 +90,12 @@ class AVSRTrainingArguments(TrainingArguments):
             raise ValueError(f"max_frames_per_batch must be >= 1, got {self.max_frames_per_batch}")
         if self.generation_num_beams < 1 or self.generation_max_new_tokens < 1:
             raise ValueError("generation_num_beams and generation_max_new_tokens must be >= 1")
+        if self.early_stopping_patience is not None:
+            if self.early_stopping_patience < 1:
+                raise ValueError(f"--early_stopping_patience must be >= 1, got {self.early_stopping_patience}")
+            if self.eval_strategy == "no" or self.metric_for_best_model is None:
+                raise ValueError("--early_stopping_patience needs evaluation during training: --eval_strategy steps "
+                                 "(or epoch) and --metric_for_best_model (e.g. wer)")
 
 
 __all__ = ["AVSRTrainingArguments"]

@@ -67,6 +67,10 @@ class ModelArguments:
                                              "batch's longest clip (same frames, faster).",
                                      "choices": ["full", "trimmed"]}
     )
+    final_save: str = field(default="both", metadata={
+        "help": "Checkpoints written after training: 'full' (every weight, final/), 'light' (what training changed, "
+                "final-light/), 'both', or 'none' (many short runs, e.g. examples/reproduce_paper.py).",
+        "choices": ["both", "full", "light", "none"]})
 
 
 @dataclass
@@ -107,6 +111,9 @@ class DataArguments:
     audio_time_mask: bool = field(
         default=False, metadata={"help": "Zero up to 0.4 s of every second of training audio, as the reference does."}
     )
+    final_validation: bool = field(default=False, metadata={
+        "help": "After training, also decode the validation split (clean): its WER and CE go into the summary as "
+                "`final_validation`, e.g. to choose lambda on it as the paper does."})
 
 
 def small_video_encoder() -> AVHubertConfig:
@@ -174,7 +181,10 @@ def parse_args(argv):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def main(argv=None):
+def main(argv=None, study=None):
+    """Run the script with `argv` (default: the command line). `study` (examples/reproduce_paper.py) is told about
+    the run: `study.attach(trainer, context)` before training, `study.finish(trainer, context)` after the test
+    decoding, `context` being a dict of the processor, the datasets and the evaluation collators."""
     model_args, data_args, training_args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(training_args.seed)
@@ -192,14 +202,16 @@ def main(argv=None):
             overwrite=data_args.overwrite_corpus,
         )
         train_set, test_set = load_synthetic(corpus, "train"), load_synthetic(corpus, "test")
-        if training_args.eval_strategy != "no":
+        if training_args.eval_strategy != "no" or data_args.final_validation:
             validation_set = load_synthetic(corpus, validation_split)
     else:
         corpus = data_args.data_dir
         lrs = dict(dataset=data_args.dataset, max_duration=data_args.max_duration)
         train_set = load_lrs(corpus, split=data_args.train_split, **lrs)
         test_set = load_lrs(corpus, split=data_args.test_split, **lrs)
-        if training_args.eval_strategy != "no":
+        if training_args.eval_strategy != "no" or data_args.final_validation:
+            if validation_split is None:
+                raise ValueError("--final_validation needs --validation_split (the split to decode)")
             validation_set = load_lrs(corpus, split=validation_split, **lrs)
     corpus_seconds = time.perf_counter() - start
 
@@ -211,33 +223,49 @@ def main(argv=None):
     )
     clean_collator = AVSRDataCollator(processor, babble_pool=babble)
     trainer = AVSRTrainer(
-        model=model, args=training_args, train_dataset=train_set, eval_dataset=validation_set,
+        model=model, args=training_args, train_dataset=train_set,
+        eval_dataset=validation_set if training_args.eval_strategy != "no" else None,
         data_collator=train_collator, eval_data_collator=clean_collator, processing_class=processor,
     )
+    context = {"processor": processor, "train_set": train_set, "validation_set": validation_set, "test_set": test_set,
+               "clean_collator": clean_collator, "noisy_collator": None}
+    if study is not None:
+        study.attach(trainer, context)
     train_start = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     train_seconds = time.perf_counter() - train_start
 
+    final_validation = None
+    if data_args.final_validation:
+        final_validation = trainer.evaluate(validation_set, metric_key_prefix="validation")
     results = {"clean": trainer.evaluate(test_set, metric_key_prefix="test")}
     if data_args.eval_noise != "none":
-        trainer.eval_data_collator = AVSRDataCollator(
+        context["noisy_collator"] = trainer.eval_data_collator = AVSRDataCollator(
             processor, eval_noise=noise(data_args.eval_noise, (data_args.eval_snr_db,)), babble_pool=babble
         )
-        results[f"{data_args.eval_noise} {data_args.eval_snr_db:g} dB"] = trainer.evaluate(
-            test_set, metric_key_prefix="test"
-        )
+        context["noisy_condition"] = f"{data_args.eval_noise} {data_args.eval_snr_db:g} dB"
+        results[context["noisy_condition"]] = trainer.evaluate(test_set, metric_key_prefix="test")
+        trainer.eval_data_collator = clean_collator
+    if study is not None:
+        study.finish(trainer, context)
 
     final_dir = Path(training_args.output_dir) / "final"
-    trainer.save_model(final_dir)
+    if model_args.final_save in ("both", "full"):
+        trainer.save_model(final_dir)
     # Under torchrun every process gets here; one writes the processor and the summary, all leave the process
     # group cleanly (an undestroyed gloo/NCCL group can abort the interpreter at exit).
     trainer.accelerator.end_training()
     if not trainer.is_world_process_zero():
         return None
-    processor.save_pretrained(final_dir)
-    # The final save keeps both kinds: every weight in final/, only what training changed in final-light/.
+    if model_args.final_save in ("both", "full"):
+        processor.save_pretrained(final_dir)
+    else:
+        final_dir = None
+    # By default the final save keeps both kinds: every weight in final/, only what training changed in final-light/.
     light_dir = Path(training_args.output_dir) / "final-light"
-    if getattr(model.config, "base_components", None):
+    if model_args.final_save not in ("both", "light"):
+        light_dir = None
+    elif getattr(model.config, "base_components", None):
         save_light_checkpoint(trainer.model, light_dir)
         processor.save_pretrained(light_dir)
     else:
@@ -253,7 +281,9 @@ def main(argv=None):
         "test": {name: {k.removeprefix("test_"): v for k, v in r.items()} for name, r in results.items()},
         "seconds": {"corpus": round(corpus_seconds, 1), "train": round(train_seconds, 1),
                     "total": round(time.perf_counter() - start, 1)},
-        "saved_to": str(final_dir),
+        "final_validation": None if final_validation is None else {
+            k.removeprefix("validation_"): v for k, v in final_validation.items()},
+        "saved_to": str(final_dir) if final_dir else None,
         "saved_light_to": str(light_dir) if light_dir else None,
         "validation": [log for log in trainer.state.log_history if "eval_wer" in log],
         "args": {"model": asdict(model_args), "data": asdict(data_args)},
@@ -270,7 +300,10 @@ def main(argv=None):
               f"decorrelation {r.get('test_decor_loss', float('nan')):.4f}")
     print(f"time       : corpus {corpus_seconds:.0f} s, training {train_seconds:.0f} s, "
           f"total {time.perf_counter() - start:.0f} s ({torch.get_num_threads()} threads)")
-    print(f"saved      : {final_dir}" + (f" (full), {light_dir} (light)" if light_dir else ""))
+    if final_validation is not None:
+        print(f"validation : WER {100 * final_validation['validation_wer']:.2f}%  "
+              f"CE {final_validation['validation_ce_loss']:.4f}")
+    print(f"saved      : {final_dir or '-'} (full), {light_dir or '-'} (light)")
     return summary
 
 

@@ -83,6 +83,11 @@ class AVSRDataCollator:
         self._rng = np.random.default_rng(self.seed)
         self._babble_cache: dict[str, np.ndarray] = {}
 
+    @property
+    def augments(self) -> bool:
+        """Whether an utterance's media can differ from one batch to the next (noise, random crops, time masking)."""
+        return self.train and (self.train_noise is not None or self.processor.uses_video)
+
     def _noise(self, spec: NoiseSpec, length: int, rng: np.random.Generator, exclude: str) -> np.ndarray:
         if spec.kind == "white":
             return rng.standard_normal(length).astype(np.float32)

@@ -520,8 +520,9 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
 
     # ---- speed -----------------------------------------------------------------------------------------------
 
-    def compile_layers(self, decoder: bool = True, encoders: bool = False, **compile_kwargs) -> None:
-        """`torch.compile` the forward of every repeated layer, in place.
+    def compile_layers(self, decoder: bool = True, encoders: bool = False, **compile_kwargs) -> list[nn.Module]:
+        """`torch.compile` the forward of every repeated layer, in place; returns the modules compiled (`del
+        module.forward` puts one back to eager).
 
         decoder: the language model's decoder layers, compiled while the model trains (evaluation and generation,
             whose lengths change at every step, run them eagerly).
@@ -534,9 +535,11 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         the layers of a class: compilation costs about one layer, not the whole model. transformers' hidden-state
         capture hooks (`output_hidden_states`) split each decoder layer into two graphs; the result is unchanged.
         """
+        compiled = []
         if decoder:
             for layer in self.model.language_model.layers:
                 layer.forward = _CompiledWhileTraining(layer, **compile_kwargs)
+                compiled.append(layer)
         if encoders:
             modules = []
             if self.model.audio_encoder is not None:
@@ -545,6 +548,8 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
                 modules += [*self.model.video_encoder.encoder.layers, self.model.video_encoder.feature_extractor_video]
             for module in modules:
                 module.forward = torch.compile(module.forward, **compile_kwargs)
+            compiled += modules
+        return compiled
 
     @torch.no_grad()
     def generate(self, input_ids=None, input_features=None, feature_attention_mask=None, pixel_values_videos=None,

@@ -45,62 +45,68 @@ def layer_indices(num_entries: int, layers: str | Sequence[int]) -> list[int]:
     return indices
 
 
-def _bos_cosines(hidden: Sequence[torch.Tensor], bos: torch.Tensor):
-    """For L (B, N, d) tensors: the (L, B, N) cosines to each sample's BOS row, the (L, B, N) clamped norms and the
-    (L, B, d) float32 BOS rows, computed in float32 a few layers at a time."""
+def _chunks(hidden: Sequence[torch.Tensor]):
+    """The chosen layers a few at a time, as (k, B, N, d) float32 stacks."""
     batch, length, dim = hidden[0].shape
-    rows = torch.arange(batch, device=bos.device)
     per_chunk = max(1, CHUNK_BYTES // max(1, batch * length * dim * 4))
-    cosines, norms, bos_rows = [], [], []
     for start in range(0, len(hidden), per_chunk):
-        x = torch.stack(hidden[start : start + per_chunk]).float()  # (k, B, N, d)
-        norm = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
-        x_bos = x[:, rows, bos]  # (k, B, d)
-        dots = torch.matmul(x, x_bos.unsqueeze(-1)).squeeze(-1)
-        cosines.append(dots / (norm * norm[:, rows, bos].unsqueeze(-1)))
-        norms.append(norm)
-        bos_rows.append(x_bos)
-    return torch.cat(cosines), torch.cat(norms), torch.cat(bos_rows)
+        yield torch.stack(hidden[start : start + per_chunk]).float()
+
+
+def _cosines(x: torch.Tensor, bos: torch.Tensor, rows: torch.Tensor):
+    """(k, B, N, d) float32 -> the (k, B, N) cosines to each sample's BOS row, the clamped norms m = max(|h|, eps)
+    (F.normalize's), and the (k, B, d) BOS rows."""
+    norms = torch.linalg.vector_norm(x, dim=-1).clamp_min(NORM_EPS)
+    x_bos = x[:, rows, bos]
+    dots = torch.matmul(x, x_bos.unsqueeze(-1)).squeeze(-1)
+    return dots / (norms * norms[:, rows, bos].unsqueeze(-1)), norms, x_bos
 
 
 class _GradientBox:
     """What the loss shares with its per-layer hooks: the chosen hidden states (detached: no reference cycle through
-    the autograd graph, whose nodes hold the hooks), forward statistics, and per backward pass the coefficients."""
+    the autograd graph, whose nodes hold the hooks) and, for one backward pass, the gradient's coefficients."""
 
     def __init__(self, hidden: list[torch.Tensor], bos: torch.Tensor):
         self.hidden = [h.detach() for h in hidden]
         self.bos = bos
+        self.rows = torch.arange(bos.shape[0], device=bos.device)
         self.num_hooks = 0
-        self.stats = self.coefficients = None
+        self.unit = self.coefficients = None
         self.pending = 0
 
 
 class _WeightedSquaredCosines(torch.autograd.Function):
     """sum over layers l, samples b and positions i of weights[b, i] * cos(H_l[b, i], H_l[b, bos_b])^2.
 
-    d/dH_l[b, i] (i not BOS) = 2 w c / (m_i m_bos) H_bos - 2 w c^2 [n_i > eps] / m_i^2 H_i, with c the cosine, n the
-    norm and m = max(n, eps) (F.normalize's clamp); the BOS row collects sum_i 2 w c / (m_i m_bos) H_i
-    - sum_i 2 w c^2 [n_bos > eps] / m_bos^2 H_bos. `_layer_gradient` adds both, one layer at a time."""
+    With c the cosine, n the norm and m = max(n, eps), the gradient at a position i (not BOS) is
+    a_i H_i + b_i H_bos, a_i = -2 w_i c_i^2 [n_i > eps] / m_i^2, b_i = 2 w_i c_i / (m_i m_bos); the BOS row collects
+    sum_i b_i H_i + e H_bos, e = -sum_i 2 w_i c_i^2 [n_bos > eps] / m_bos^2. All of it but the first term is known in
+    the forward pass, where the float32 copies are at hand: the forward keeps a, b, H_bos and the BOS rows' gradient
+    per unit of incoming gradient ((L, B, N) and (L, B, d) float32), and `_layer_gradient` adds each layer's part."""
 
     @staticmethod
     def forward(ctx, weights, box, *hidden):
-        cosines, norms, bos_rows = _bos_cosines(hidden, box.bos)
-        box.stats = (weights, cosines, norms, bos_rows)
+        total, unit = 0.0, []
+        for x in _chunks(hidden):
+            cosines, norms, x_bos = _cosines(x, box.bos, box.rows)
+            total = total + (cosines.square() * weights).sum()
+            bos_norms = norms[:, box.rows, box.bos].unsqueeze(-1)
+            twice = 2 * weights * cosines
+            to_self = -twice * cosines * (norms > NORM_EPS) / norms.square()
+            to_bos = twice / (norms * bos_norms)
+            bos_self = -(twice * cosines).sum(-1, keepdim=True) * (bos_norms > NORM_EPS) / bos_norms.square()
+            bos_row = torch.matmul(to_bos.unsqueeze(-2), x).squeeze(-2) + bos_self * x_bos
+            unit.append((to_self, to_bos, x_bos, bos_row))
+        box.unit = [torch.cat(parts) for parts in zip(*unit)]
         ctx.box = box
         ctx.handed = [(h.dtype, h.shape) if needed else None for h, needed in zip(hidden, ctx.needs_input_grad[2:])]
-        return (cosines.square() * weights).sum()
+        return total
 
     @staticmethod
     def backward(ctx, grad):
         box = ctx.box
-        weights, cosines, norms, bos_rows = box.stats
-        rows = torch.arange(box.bos.shape[0], device=box.bos.device)
-        bos_norms = norms[:, rows, box.bos].unsqueeze(-1)  # (L, B, 1)
-        twice = 2 * grad * weights * cosines  # (L, B, N)
-        to_bos = twice / (norms * bos_norms)  # coefficient of H_bos in each position's gradient
-        to_self = -twice * cosines * (norms > NORM_EPS) / norms.square()
-        bos_self = -(twice * cosines).sum(-1, keepdim=True) * (bos_norms > NORM_EPS) / bos_norms.square()
-        box.coefficients = (to_bos, to_self, bos_self, bos_rows)
+        to_self, to_bos, x_bos, bos_row = box.unit
+        box.coefficients = (grad * to_self, grad * to_bos, x_bos, grad * bos_row)
         box.pending = box.num_hooks
         # An expanded zero costs no memory and makes the backward pass visit (and run the hook of) every hidden state.
         zero = {}
@@ -116,18 +122,15 @@ def _layer_gradient(box: _GradientBox, layer: int, grad: torch.Tensor):
     """Hook on one chosen hidden state: add that layer's decorrelation gradient to the gradient arriving there."""
     if box.coefficients is None:  # a backward pass that does not go through the loss
         return None
-    to_bos, to_self, bos_self, bos_rows = box.coefficients
+    to_self, to_bos, x_bos, bos_row = box.coefficients
     box.pending -= 1
     if box.pending == 0:  # the last hook of this backward pass: a later one must not reuse these coefficients
         box.coefficients = None
-    hidden, bos = box.hidden[layer], box.bos
-    rows = torch.arange(bos.shape[0], device=bos.device)
-    h_bos = bos_rows[layer]  # (B, d) float32
     # float32 arithmetic on the (exactly converted) hidden states: near cos = 1 the two terms nearly cancel.
-    extra = torch.addcmul(to_self[layer].unsqueeze(-1) * hidden, to_bos[layer].unsqueeze(-1), h_bos.unsqueeze(1))
-    bos_row = (to_bos[layer].unsqueeze(-1) * hidden).sum(1) + bos_self[layer] * h_bos
-    extra.index_put_((rows, bos), bos_row, accumulate=True)
-    return extra.add_(grad).to(grad.dtype)
+    total = torch.addcmul(grad, to_self[layer].unsqueeze(-1), box.hidden[layer])
+    total.addcmul_(to_bos[layer].unsqueeze(-1), x_bos[layer].unsqueeze(1))
+    total.index_put_((box.rows, box.bos), bos_row[layer], accumulate=True)
+    return total.to(grad.dtype)
 
 
 def decorrelation_loss(
@@ -172,8 +175,8 @@ def decorrelation_loss(
     no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
     with no_autocast:
         if not (torch.is_grad_enabled() and any(h.requires_grad for h in hidden)):
-            cosines, _, _ = _bos_cosines(hidden, bos)
-            return (cosines.square() * weights).sum()
+            rows = torch.arange(bos.shape[0], device=bos.device)
+            return sum((_cosines(x, bos, rows)[0].square() * weights).sum() for x in _chunks(hidden))
         box = _GradientBox(hidden, bos)
         for layer, h in enumerate(hidden):
             if h.requires_grad:

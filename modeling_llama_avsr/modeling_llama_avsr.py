@@ -559,12 +559,17 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         copies the embedded prompts to the beams (`num_beams`, `num_return_sequences`), where it would otherwise run
         the encoders on every beam's copy of the media. Pass `media_tokens` (from `encode_media`) to reuse an
         encoding, e.g. the evaluation loss's. The returned ids start with `input_ids`, as usual."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # GenerationMixin's name for its first argument
         if inputs_embeds is None and input_ids is not None:
             if media_tokens is None:
                 media_tokens = self.model.encode_media(
                     input_features, feature_attention_mask, pixel_values_videos, video_attention_mask
                 )
             inputs_embeds = self.model.embed_inputs(input_ids, media_tokens)
+        elif media_tokens is not None or input_features is not None or pixel_values_videos is not None:
+            raise ValueError("Media go to the placeholders of input_ids: pass input_ids (from LlamaAVSRProcessor), "
+                             "not inputs_embeds or nothing, with them.")
         return super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     def forward(

@@ -415,3 +415,33 @@ def test_liger_kernels_keep_gradients_with_the_decorrelation_loss(monkeypatch):
     assert set(got) == set(expected)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-3, atol=1e-4 * grad.abs().max(), msg=name)
+
+
+# ---- the GPU benchmark's code paths, on the CPU ---------------------------------------------------------------------
+
+
+def test_bench_gpu_quick_runs_every_mode(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    results = bench.main(["--quick", "--device", "cpu", "--out", str(out), "--budget", "100000"])
+    assert results["errors"] == {} and results["skipped"] == []
+    assert json.loads(out.read_text())["summary"] == results["summary"]
+    modes = results["modes"]
+    for mode in ("original_b2", "package_b2", "package_b2_no_decorrelation", "fast_b2", "fast_b2_cached_media",
+                 "fast_b4"):
+        assert modes[mode]["samples_per_s"] > 0, mode
+    assert modes["fast_b2"]["tokens"] % bench.PAD_TO == 0 and modes["original_b2"]["logits_to_keep"] == 0
+    transcription = modes["transcription"]
+    assert set(transcription) >= {"beam_batch1", "beam_batched", "beam_batched_encode_every_beam", "greedy_batched"}
+    checks = results["checks"]
+    assert checks["uint8_video_bitwise_equal"]
+    assert checks["decorrelation_fused_vs_per_layer"]["gradient_relative_difference"] < 1e-5
+    assert checks["compiled_vs_eager_eager"]["gradient_relative_difference"] < 1e-5
+    assert results["flops_per_sample"] > 0

@@ -5,7 +5,7 @@ Differences from the reference implementation, on purpose:
 - padding is masked everywhere (the reference attends padded audio/video frames);
 - frozen encoders stay in eval mode (the reference leaves AV-HuBERT's dropout/layerdrop/BatchNorm live);
 - average pooling averages only real frames, so a clip's last partial window is not diluted by padding;
-- generate() runs the encoders once per batch, not once per beam.
+- generate() runs the encoders, and with beam search the prompt, once per batch, not once per beam.
 """
 
 import logging
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -555,10 +555,13 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
     def generate(self, input_ids=None, input_features=None, feature_attention_mask=None, pixel_values_videos=None,
                  video_attention_mask=None, media_tokens: LlamaAVSRMediaTokens | None = None, inputs_embeds=None,
                  **kwargs):
-        """`GenerationMixin.generate`, with the media encoded and embedded once per batch: GenerationMixin then
-        copies the embedded prompts to the beams (`num_beams`, `num_return_sequences`), where it would otherwise run
-        the encoders on every beam's copy of the media. Pass `media_tokens` (from `encode_media`) to reuse an
-        encoding, e.g. the evaluation loss's. The returned ids start with `input_ids`, as usual."""
+        """`GenerationMixin.generate`, with the prompt encoded once per batch rather than once per beam.
+
+        The media are encoded and embedded once per batch (GenerationMixin copies the embeddings to the beams; it
+        would otherwise run the encoders on every beam's copy), and with beam search the prompt but its last token
+        runs through the language model once per sample, its cache then copied to the beams (GenerationMixin would
+        run the whole prompt on every beam). Pass `media_tokens` (from `encode_media`) to reuse an encoding, e.g.
+        the evaluation loss's. The returned ids start with `input_ids`, as usual."""
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)  # GenerationMixin's name for its first argument
         if inputs_embeds is None and input_ids is not None:
@@ -567,10 +570,27 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
                     input_features, feature_attention_mask, pixel_values_videos, video_attention_mask
                 )
             inputs_embeds = self.model.embed_inputs(input_ids, media_tokens)
+            config = kwargs.get("generation_config") or self.generation_config
+            num_beams = kwargs.get("num_beams") or config.num_beams or 1
+            if (num_beams > 1 and input_ids.shape[1] > 1 and kwargs.get("past_key_values") is None
+                    and kwargs.get("cache_implementation", config.cache_implementation) is None):
+                kwargs["past_key_values"] = self._prompt_cache(inputs_embeds, kwargs.get("attention_mask"), num_beams)
         elif media_tokens is not None or input_features is not None or pixel_values_videos is not None:
             raise ValueError("Media go to the placeholders of input_ids: pass input_ids (from LlamaAVSRProcessor), "
                              "not inputs_embeds or nothing, with them.")
         return super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _prompt_cache(self, inputs_embeds, attention_mask, copies: int):
+        """The language model's cache of every prompt position but the last (generate() starts from that one),
+        computed once per sample and then repeated for each of `copies` beams."""
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.text_config)
+        self.model.language_model(inputs_embeds=inputs_embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+                                  position_ids=position_ids[:, :-1], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(copies)
+        return cache
 
     def forward(
         self,

@@ -152,9 +152,9 @@ class LlamaAVSRProcessor(ProcessorMixin):
             top, left = (h - size) // 2, (w - size) // 2
             crop = video[:, top : top + size, left : left + size]
             if self.video_output == "uint8":
-                if crop.dtype != np.uint8:
-                    raise ValueError(f"video {i} frames are {crop.dtype} ({'RGB converted to grey' if np.asarray(videos[i]).ndim == 4 else 'not uint8'}); "
-                                     "video_output='uint8' takes uint8 grey frames (data.read_video gives them)")
+                if crop.dtype != np.uint8:  # e.g. RGB frames, whose grey levels are fractional
+                    raise ValueError(f"video {i} frames are {crop.dtype} after conversion to grey; "
+                                     "video_output='uint8' takes uint8 grey (T, H, W) frames, as read_video gives them")
                 frames.append(torch.from_numpy(np.ascontiguousarray(crop)))
             else:
                 crop = crop.astype(np.float32) / 255.0

@@ -43,13 +43,19 @@ def test_beam_search_encodes_once_and_equals_encoding_every_beam():
     model.eval()
     inputs = batch(processor, 3, text=False)
     sizes = encoder_batch_sizes(model)
+    shapes = []  # (rows, positions) of each language-model call
+    model.model.language_model.register_forward_hook(
+        lambda m, a, kw, out: shapes.append(tuple(kw["inputs_embeds"].shape[:2])), with_kwargs=True)
     settings = dict(num_beams=4, num_return_sequences=2, max_new_tokens=6, min_new_tokens=6, output_scores=True,
                     return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    length = inputs["input_ids"].shape[1]
     once = model.generate(**inputs, **settings)
     assert sizes == [("audio", 3), ("video", 3)]  # not 3 x 4 beams
+    assert shapes[:2] == [(3, length - 1), (12, 1)]  # the prompt once per sample; its last token starts the beams
     sizes.clear()
+    shapes.clear()
     every_beam = GenerationMixin.generate(model, **inputs, **settings)  # the media copied to every beam, then encoded
-    assert sizes == [("audio", 12), ("video", 12)]
+    assert sizes == [("audio", 12), ("video", 12)] and shapes[0] == (12, length)
     assert once.sequences.tolist() == every_beam.sequences.tolist()
     assert once.sequences[:, : inputs["input_ids"].shape[1]].tolist() == inputs["input_ids"].repeat_interleave(
         2, 0).tolist()
@@ -439,7 +445,7 @@ def test_bench_gpu_quick_runs_every_mode(tmp_path):
         assert modes[mode]["samples_per_s"] > 0, mode
     assert modes["fast_b2"]["tokens"] % bench.PAD_TO == 0 and modes["original_b2"]["logits_to_keep"] == 0
     transcription = modes["transcription"]
-    assert set(transcription) >= {"beam_batch1", "beam_batched", "beam_batched_encode_every_beam", "greedy_batched"}
+    assert set(transcription) >= {"beam_batch1", "beam_batched", "beam_batched_prompt_every_beam", "greedy_batched"}
     checks = results["checks"]
     assert checks["uint8_video_bitwise_equal"]
     assert checks["decorrelation_fused_vs_per_layer"]["gradient_relative_difference"] < 1e-5

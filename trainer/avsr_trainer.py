@@ -143,7 +143,10 @@ def apply_liger_kernel_to_text_model(model, **kernel_config) -> None:
     Trainer's `use_liger_kernel` looks the model type up and finds nothing for "llama_avsr"; the text model's type
     ("llama") has them. Liger patches that model's modules and its modeling module's RoPE function, as it does for a
     plain Llama under Trainer. Its loss kernels stay off: the loss is ours, computed on `logits_to_keep` positions."""
-    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ImportError("use_liger_kernel needs Liger's kernels (Triton, so a GPU): pip install liger-kernel") from e
 
     config = {"rope": True, "rms_norm": True, "swiglu": True, **kernel_config}
     config.update(cross_entropy=False, fused_linear_cross_entropy=False)

@@ -172,8 +172,8 @@ def decorrelation_loss(
     hidden = [hidden_states[i] for i in indices]
     # float32 whatever the model's dtype or an outer autocast: squared cosines near 1 lose everything in bf16.
     device_type = hidden[0].device.type
-    no_autocast = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
-    with no_autocast:
+    autocast_off = torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else None
+    with autocast_off or nullcontext():
         if not (torch.is_grad_enabled() and any(h.requires_grad for h in hidden)):
             rows = torch.arange(bos.shape[0], device=bos.device)
             return sum((_cosines(x, bos, rows)[0].square() * weights).sum() for x in _chunks(hidden))

@@ -21,7 +21,7 @@ class AVSRTrainingArguments(TrainingArguments):
     max_frames_per_batch (`int`, *optional*): batches filled up to this many padded video frames (`MaxFramesBatchSampler`).
     generation_num_beams, generation_max_new_tokens: decoding for the WER computed by `evaluate()`.
     compile_decoder_layers (`bool`): `torch.compile` each decoder layer of the language model (one compilation serves
-        all of them; evaluation and generation run them eagerly). See `LlamaAVSRForConditionalGeneration.compile_layers`.
+        all of them; evaluation and generation run them eagerly); see `LlamaAVSRForConditionalGeneration.compile_layers`.
     compile_encoder_layers (`bool`): also compile the frozen encoders' layers and AV-HuBERT's ResNet front-end.
     compile_mode (`str`, *optional*): `torch.compile`'s mode; "reduce-overhead" replays CUDA graphs, which pays most
         at small batches (the step is bound by kernel launches there). Use it with `pad_to_multiple_of`.

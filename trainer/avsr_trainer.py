@@ -333,15 +333,12 @@ class AVSRTrainer(EvalCollatorTrainer):
             inputs["media_tokens"] = LlamaAVSRMediaTokens(**encoded)
             return inputs
         with torch.no_grad():
-            tokens = self._media_encoder().encode_media(**media)
+            tokens = self.accelerator.unwrap_model(self.model).encode_media(**media)
         for b, key in enumerate(keys):
             self._media_cache[key] = tuple(None if getattr(tokens, f) is None else getattr(tokens, f)[b]
                                            for f in fields)
         inputs["media_tokens"] = tokens
         return inputs
-
-    def _media_encoder(self):
-        return self.accelerator.unwrap_model(self.model)
 
     def _accumulate(self, phase, values, count):
         sums = self._aux_sums[phase]

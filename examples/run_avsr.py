@@ -16,6 +16,7 @@ given on the command line, or all of them in one JSON/YAML file: `python example
 
 import json
 import logging
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,17 @@ class ModelArguments:
         "help": "Checkpoints written after training: 'full' (every weight, final/), 'light' (what training changed, "
                 "final-light/), 'both', or 'none' (many short runs, e.g. examples/reproduce_paper.py).",
         "choices": ["both", "full", "light", "none"]})
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights' dtype: 'auto' is bfloat16 on a GPU that has it, float32 elsewhere.",
+                  "choices": ["auto", "bfloat16", "float16", "float32"]},
+    )
+
+
+def weights_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
 
 
 @dataclass
@@ -126,8 +138,9 @@ def small_video_encoder() -> AVHubertConfig:
 
 
 def build(model_args: ModelArguments):
+    dtype = weights_dtype(model_args.dtype)
     if model_args.model_name_or_path:
-        model = LlamaAVSRForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        model = LlamaAVSRForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype)
         processor = LlamaAVSRProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
     video_encoder = model_args.video_encoder
@@ -148,9 +161,13 @@ def build(model_args: ModelArguments):
     model = LlamaAVSRForConditionalGeneration.from_components(
         **components, **settings, projector_hidden_size=model_args.projector_hidden_size,
         projector_layer_norm=model_args.projector_layer_norm, lora_rank=model_args.lora_rank,
-        lora_alpha=model_args.lora_alpha, freeze_video_encoder=freeze_video,
+        lora_alpha=model_args.lora_alpha, freeze_video_encoder=freeze_video, dtype=dtype,
     )
-    processor = LlamaAVSRProcessor.from_components(**components, **settings, audio_window=model_args.audio_window)
+    # On a GPU, video travels as uint8 and is normalised there (to the same values): a quarter of the bytes.
+    processor = LlamaAVSRProcessor.from_components(
+        **components, **settings, audio_window=model_args.audio_window,
+        video_output="uint8" if torch.cuda.is_available() else "normalized",
+    )
     return model, processor
 
 
@@ -171,7 +188,11 @@ def parse_args(argv):
         learning_rate=2e-3, lr_scheduler_type="cosine", warmup_steps=30, weight_decay=0.1, adam_beta2=0.98,
         max_grad_norm=10.0, num_train_epochs=3, logging_steps=10, eval_strategy="no", save_strategy="no",
         report_to="none", bf16=False, train_sampling_strategy="group_by_length", length_column_name="duration",
-        dataloader_num_workers=0, seed=0, use_cpu=not torch.cuda.is_available(), metric_for_best_model="wer",
+        seed=0, use_cpu=not torch.cuda.is_available(), metric_for_best_model="wer",
+        # A GPU waits for the host otherwise: decode and process batches in worker processes, into pinned memory. Not
+        # persistent: a persistent worker keeps the collator of the first epoch, whose augmentation would then repeat.
+        dataloader_num_workers=min(4, os.cpu_count() or 1) if torch.cuda.is_available() else 0,
+        dataloader_pin_memory=True,
     )
     if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
         path = Path(argv[0]).resolve()

@@ -39,6 +39,8 @@ VIDEO_FPS = 25  # AV-HuBERT's lip frames
 MAX_AUDIO_SECONDS = 30.0  # Whisper's window: longer audio would be cut, so it is refused instead
 # ITU-R BT.601 luma, the weights OpenCV's and auto_avsr's RGB -> gray conversion uses.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# AV-HuBERT's lip-frame normalisation of [0, 1] grey levels (auto_avsr's and the original's).
+VIDEO_MEAN, VIDEO_STD = 0.421, 0.165
 # Whisper's log-mel hop is 10 ms and its second convolution has stride 2: one encoder frame per 20 ms.
 WHISPER_ENCODER_STRIDE = 2
 
@@ -103,6 +105,8 @@ class LlamaAVSRConfig(PreTrainedConfig):
         sampled at 1e-9 of the embeddings' covariance around their mean, so practically all equal.
     lora_rank / lora_alpha / lora_dropout / lora_target_modules: LoRA on the language model only (0 = no LoRA).
     freeze_audio_encoder / freeze_video_encoder (`bool`): frozen encoders run in eval mode under no_grad.
+    video_mean / video_std (`float`): the lip-frame normalisation the model applies to uint8 video (the processor's
+        `video_output="uint8"`), which must equal the processor's `video_mean` / `video_std`.
     *_token_id: ids of the added markers and placeholders in the LLM vocabulary (set by `from_components`).
     """
 
@@ -133,6 +137,8 @@ class LlamaAVSRConfig(PreTrainedConfig):
     lora_target_modules: list[str] | None = None
     freeze_audio_encoder: bool = True
     freeze_video_encoder: bool = True
+    video_mean: float = VIDEO_MEAN
+    video_std: float = VIDEO_STD
     audio_start_token_id: int | None = None
     audio_end_token_id: int | None = None
     video_start_token_id: int | None = None
@@ -182,6 +188,8 @@ __all__ = [
     "DEFAULT_PROMPTS",
     "LlamaAVSRConfig",
     "PARTIAL_WINDOWS",
+    "VIDEO_MEAN",
+    "VIDEO_STD",
     "compressed_length",
     "resolve_component",
     "whisper_encoder_length",

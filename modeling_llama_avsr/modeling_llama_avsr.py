@@ -6,18 +6,20 @@ Differences from the reference implementation, on purpose:
 - frozen encoders stay in eval mode (the reference leaves AV-HuBERT's dropout/layerdrop/BatchNorm live);
 - average pooling averages only real frames, and a clip's partial last window is kept (averaged over its real frames)
   where the original's AvgPool1d drops it (`partial_window="drop"` restores that).
+- generate() runs the encoders, and with beam search the prompt, once per batch, not once per beam.
 """
 
 import json
 import logging
 from dataclasses import dataclass
-
+from functools import partial
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
@@ -90,6 +92,34 @@ class LlamaAVSRProjector(nn.Module):
 
 
 @dataclass
+class LlamaAVSRMediaTokens(ModelOutput):
+    """A batch's media as the encoders make of it, compressed but not projected: (B, n, d) audio and (B, m, d) video
+    tokens (d: the encoder width, times the rate for "stack") with their (B, n) / (B, m) bool masks.
+
+    With frozen encoders this is a pure function of the media (the projectors, which train, come after it), so it
+    can be computed once and reused: by generate() for every beam, by the evaluation loss and generate() of one
+    batch, and across epochs (`AVSRTrainingArguments.cache_encoder_outputs`)."""
+
+    audio_tokens: torch.FloatTensor | None = None
+    audio_mask: torch.BoolTensor | None = None
+    video_tokens: torch.FloatTensor | None = None
+    video_mask: torch.BoolTensor | None = None
+
+
+class _CompiledWhileTraining:
+    """A layer's forward that runs compiled while the layer trains and eagerly otherwise: generation feeds it a new
+    length at every step, which would recompile (or fall back) each time."""
+
+    def __init__(self, module: nn.Module, **compile_kwargs):
+        self.module = module
+        self.eager = module.forward
+        self.compiled = torch.compile(module.forward, **compile_kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return (self.compiled if self.module.training else self.eager)(*args, **kwargs)
+
+
+@dataclass
 class LlamaAVSRModelOutputWithPast(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: object | None = None
@@ -119,7 +149,7 @@ class LlamaAVSRPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # the placeholder-count check reads a tensor value
+    _can_compile_fullgraph = False  # outside training, the placeholder-count check reads a tensor value
 
 
 class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
@@ -168,8 +198,9 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             return encoder(**inputs).last_hidden_state
 
-    def get_audio_features(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None):
-        """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
+    def encode_audio(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None = None):
+        """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d) compressed Whisper tokens (not yet
+        projected) and their (B, n) mask."""
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
         frames = self._encode(self.audio_encoder, input_features=input_features.to(encoder_dtype))
         if feature_attention_mask is None:
@@ -177,26 +208,74 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         else:
             real = whisper_encoder_length(feature_attention_mask.sum(-1))
         valid = torch.arange(frames.shape[1], device=frames.device) < real.unsqueeze(-1)
-        tokens, token_mask = compress(frames, valid, self.config.audio_compression_rate, self.config.compression_type,
-                                      self.config.partial_window)
-        return self.audio_projector(tokens.to(self.audio_projector.linear_1.weight.dtype)), token_mask
+        return compress(frames, valid, self.config.audio_compression_rate, self.config.compression_type,
+                        self.config.partial_window)
 
-    def get_video_features(self, pixel_values_videos: torch.FloatTensor, video_attention_mask: torch.Tensor | None):
-        """(B, T, 88, 88) normalised grayscale lip frames with a (B, T) mask -> (B, m, d_llm) tokens and mask."""
+    def encode_video(self, pixel_values_videos: torch.Tensor, video_attention_mask: torch.Tensor | None = None):
+        """(B, T, 88, 88) lip frames (normalised float, or the processor's uint8) with a (B, T) mask -> (B, m, d)
+        compressed AV-HuBERT tokens (not yet projected) and their (B, m) mask."""
         encoder_dtype = next(self.video_encoder.parameters()).dtype
-        pixels = pixel_values_videos.to(encoder_dtype).unsqueeze(1)  # AV-HuBERT takes (B, 1, T, H, W)
         if video_attention_mask is None:
-            video_attention_mask = torch.ones(pixels.shape[0], pixels.shape[2], dtype=torch.bool, device=pixels.device)
+            shape = pixel_values_videos.shape[:2]
+            video_attention_mask = torch.ones(shape, dtype=torch.bool, device=pixel_values_videos.device)
+        pixels = self.normalize_video(pixel_values_videos, video_attention_mask)
+        pixels = pixels.to(encoder_dtype).unsqueeze(1)  # AV-HuBERT takes (B, 1, T, H, W)
         frames = self._encode(self.video_encoder, pixel_values_videos=pixels, attention_mask=video_attention_mask)
-        tokens, token_mask = compress(
+        return compress(
             frames, video_attention_mask.bool(), self.config.video_compression_rate, self.config.compression_type,
             self.config.partial_window,
         )
-        return self.video_projector(tokens.to(self.video_projector.linear_1.weight.dtype)), token_mask
+
+    def normalize_video(self, pixel_values_videos: torch.Tensor, video_attention_mask: torch.Tensor) -> torch.Tensor:
+        """uint8 frames (the processor's `video_output="uint8"`: a quarter of the bytes to move to the device) ->
+        exactly the processor's normalised float32 frames: the same float32 operations in the same order, true
+        divisions (a device tensor divisor, not a host scalar, which CUDA would turn into a reciprocal multiply) and
+        zeros at padded frames. Float frames pass through unchanged."""
+        if pixel_values_videos.dtype != torch.uint8:
+            return pixel_values_videos
+        full = partial(torch.full, (), dtype=torch.float32, device=pixel_values_videos.device)
+        pixels = (pixel_values_videos.float() / full(255.0) - self.config.video_mean) / full(self.config.video_std)
+        return pixels.masked_fill(~video_attention_mask.bool()[:, :, None, None], 0.0)
+
+    def encode_media(
+        self,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_attention_mask: torch.Tensor | None = None,
+    ) -> LlamaAVSRMediaTokens:
+        """The encoders' compressed tokens of whatever media is given (and has an encoder), before the projectors."""
+        audio = video = (None, None)
+        if input_features is not None and self.audio_encoder is not None:
+            audio = self.encode_audio(input_features, feature_attention_mask)
+        if pixel_values_videos is not None and self.video_encoder is not None:
+            video = self.encode_video(pixel_values_videos, video_attention_mask)
+        return LlamaAVSRMediaTokens(audio_tokens=audio[0], audio_mask=audio[1], video_tokens=video[0],
+                                    video_mask=video[1])
+
+    @staticmethod
+    def _project(projector, tokens):
+        return projector(tokens.to(projector.linear_1.weight.dtype))
+
+    def get_audio_features(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None):
+        """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
+        tokens, token_mask = self.encode_audio(input_features, feature_attention_mask)
+        return self._project(self.audio_projector, tokens), token_mask
+
+    def get_video_features(self, pixel_values_videos: torch.FloatTensor, video_attention_mask: torch.Tensor | None):
+        """(B, T, 88, 88) normalised grayscale lip frames with a (B, T) mask -> (B, m, d_llm) tokens and mask."""
+        tokens, token_mask = self.encode_video(pixel_values_videos, video_attention_mask)
+        return self._project(self.video_projector, tokens), token_mask
 
     def get_placeholder_mask(self, input_ids: torch.LongTensor, token_id: int, features_mask: torch.Tensor, name: str):
-        """Positions of the `name` placeholders; each sample must hold exactly as many as it has feature tokens."""
+        """Positions of the `name` placeholders; each sample must hold exactly as many as it has feature tokens.
+
+        The count is checked everywhere but in training on an accelerator: reading it there would make the host
+        wait for the encoders at every step. Training batches come from the processor, which places the counts
+        with the model's own arithmetic, and AVSRTrainer checks that its processor's rates are the model's."""
         mask = input_ids == token_id
+        if self.training and mask.device.type != "cpu":
+            return mask
         expected = features_mask.sum(-1)
         found = mask.sum(-1)
         torch_compilable_check(
@@ -215,6 +294,34 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         gathered = features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
         return torch.where(placeholder_mask.unsqueeze(-1), gathered.to(inputs_embeds.dtype), inputs_embeds)
 
+    def embed_inputs(self, input_ids: torch.LongTensor, media_tokens: LlamaAVSRMediaTokens | None = None):
+        """What the language model reads: the token embeddings, with the projected media tokens at the placeholders."""
+        inputs_embeds = self.get_input_embeddings()(input_ids)
+        if media_tokens is None:
+            return inputs_embeds
+        if media_tokens.audio_tokens is not None and self.audio_projector is not None:
+            features = self._project(self.audio_projector, media_tokens.audio_tokens)
+            mask = self.get_placeholder_mask(input_ids, self.config.audio_token_id, media_tokens.audio_mask, "audio")
+            inputs_embeds = self._scatter(inputs_embeds, mask, features)
+        if media_tokens.video_tokens is not None and self.video_projector is not None:
+            features = self._project(self.video_projector, media_tokens.video_tokens)
+            mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, media_tokens.video_mask, "video")
+            inputs_embeds = self._scatter(inputs_embeds, mask, features)
+        return inputs_embeds
+
+    def _training_mask(self, attention_mask, inputs_embeds, position_ids):
+        """The 4D causal + padding mask, built here in training so that transformers does not read the 2D mask to
+        see whether it has padding (a host-device synchronisation at every step). Only for plain full-attention
+        models with sdpa/eager attention; anything else gets the 2D mask, as before."""
+        config = self.language_model.config
+        full_attention = set(getattr(config, "layer_types", None) or ["full_attention"]) == {"full_attention"}
+        if (attention_mask is None or attention_mask.ndim != 2 or not full_attention
+                or getattr(config, "sliding_window", None) is not None
+                or config._attn_implementation not in ("sdpa", "eager")):
+            return attention_mask
+        return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids, allow_is_causal_skip=False)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -227,25 +334,26 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         past_key_values=None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
+        media_tokens: LlamaAVSRMediaTokens | None = None,
         **kwargs,
     ) -> LlamaAVSRModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        if input_features is not None and self.audio_encoder is not None:
-            features, features_mask = self.get_audio_features(input_features, feature_attention_mask)
-            mask = self.get_placeholder_mask(input_ids, self.config.audio_token_id, features_mask, "audio")
-            inputs_embeds = self._scatter(inputs_embeds, mask, features)
-        if pixel_values_videos is not None and self.video_encoder is not None:
-            features, features_mask = self.get_video_features(pixel_values_videos, video_attention_mask)
-            mask = self.get_placeholder_mask(input_ids, self.config.video_token_id, features_mask, "video")
-            inputs_embeds = self._scatter(inputs_embeds, mask, features)
+            if media_tokens is None:
+                media_tokens = self.encode_media(
+                    input_features, feature_attention_mask, pixel_values_videos, video_attention_mask
+                )
+            inputs_embeds = self.embed_inputs(input_ids, media_tokens)
 
         if position_ids is None and attention_mask is not None and past_key_values is None:
             # Count positions from each sample's first real token, so left padding does not shift RoPE
             # (generate() does the same through prepare_inputs_for_generation).
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.training and past_key_values is None:
+            # Nothing is generated in training: a cache would only hold references to the keys and values.
+            use_cache = False if use_cache is None else use_cache
+            attention_mask = self._training_mask(attention_mask, inputs_embeds, position_ids)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -437,6 +545,85 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
     def get_video_features(self, pixel_values_videos, video_attention_mask=None):
         return self.model.get_video_features(pixel_values_videos, video_attention_mask)
 
+    def encode_media(self, input_features=None, feature_attention_mask=None, pixel_values_videos=None,
+                     video_attention_mask=None) -> LlamaAVSRMediaTokens:
+        return self.model.encode_media(input_features, feature_attention_mask, pixel_values_videos,
+                                       video_attention_mask)
+
+    # ---- speed -----------------------------------------------------------------------------------------------
+
+    def compile_layers(self, decoder: bool = True, encoders: bool = False, **compile_kwargs) -> list[nn.Module]:
+        """`torch.compile` the forward of every repeated layer, in place; returns the modules compiled (`del
+        module.forward` puts one back to eager).
+
+        decoder: the language model's decoder layers, compiled while the model trains (evaluation and generation,
+            whose lengths change at every step, run them eagerly).
+        encoders: the Whisper and AV-HuBERT transformer layers and AV-HuBERT's ResNet front-end, always compiled
+            (they run frozen, once per batch).
+        compile_kwargs: for `torch.compile` (`mode="reduce-overhead"` replays each compiled piece as a CUDA graph;
+            then pad batches to a few lengths, since every new shape records new graphs).
+
+        Dynamo keys its cache on a function's code and treats parameters as inputs, so one compilation serves all
+        the layers of a class: compilation costs about one layer, not the whole model. transformers' hidden-state
+        capture hooks (`output_hidden_states`) split each decoder layer into two graphs; the result is unchanged.
+        """
+        compiled = []
+        if decoder:
+            for layer in self.model.language_model.layers:
+                layer.forward = _CompiledWhileTraining(layer, **compile_kwargs)
+                compiled.append(layer)
+        if encoders:
+            modules = []
+            if self.model.audio_encoder is not None:
+                modules += list(self.model.audio_encoder.layers)
+            if self.model.video_encoder is not None:
+                modules += [*self.model.video_encoder.encoder.layers, self.model.video_encoder.feature_extractor_video]
+            for module in modules:
+                module.forward = torch.compile(module.forward, **compile_kwargs)
+            compiled += modules
+        return compiled
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, input_features=None, feature_attention_mask=None, pixel_values_videos=None,
+                 video_attention_mask=None, media_tokens: LlamaAVSRMediaTokens | None = None, inputs_embeds=None,
+                 **kwargs):
+        """`GenerationMixin.generate`, with the prompt encoded once per batch rather than once per beam.
+
+        The media are encoded and embedded once per batch (GenerationMixin copies the embeddings to the beams; it
+        would otherwise run the encoders on every beam's copy), and with beam search the prompt but its last token
+        runs through the language model once per sample, its cache then copied to the beams (GenerationMixin would
+        run the whole prompt on every beam). Pass `media_tokens` (from `encode_media`) to reuse an encoding, e.g.
+        the evaluation loss's. The returned ids start with `input_ids`, as usual."""
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)  # GenerationMixin's name for its first argument
+        if inputs_embeds is None and input_ids is not None:
+            if media_tokens is None:
+                media_tokens = self.model.encode_media(
+                    input_features, feature_attention_mask, pixel_values_videos, video_attention_mask
+                )
+            inputs_embeds = self.model.embed_inputs(input_ids, media_tokens)
+            config = kwargs.get("generation_config") or self.generation_config
+            num_beams = kwargs.get("num_beams") or config.num_beams or 1
+            if (num_beams > 1 and input_ids.shape[1] > 1 and kwargs.get("past_key_values") is None
+                    and kwargs.get("cache_implementation", config.cache_implementation) is None):
+                kwargs["past_key_values"] = self._prompt_cache(inputs_embeds, kwargs.get("attention_mask"), num_beams)
+        elif media_tokens is not None or input_features is not None or pixel_values_videos is not None:
+            raise ValueError("Media go to the placeholders of input_ids: pass input_ids (from LlamaAVSRProcessor), "
+                             "not inputs_embeds or nothing, with them.")
+        return super().generate(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _prompt_cache(self, inputs_embeds, attention_mask, copies: int):
+        """The language model's cache of every prompt position but the last (generate() starts from that one),
+        computed once per sample and then repeated for each of `copies` beams."""
+        if attention_mask is None:
+            attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=inputs_embeds.device)
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.config.text_config)
+        self.model.language_model(inputs_embeds=inputs_embeds[:, :-1], attention_mask=attention_mask[:, :-1],
+                                  position_ids=position_ids[:, :-1], past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(copies)
+        return cache
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -451,6 +638,7 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        media_tokens: LlamaAVSRMediaTokens | None = None,
         **kwargs,
     ) -> LlamaAVSRCausalLMOutputWithPast:
         r"""
@@ -458,6 +646,8 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
         logits_to_keep (`int` or `torch.Tensor`): compute logits only for the last `logits_to_keep` positions (or the
             given indices). With labels and an int, the labels are cut to the same positions, so pass at least the
             longest transcript + EOS + 1 with left-padded inputs: the prefix needs no logits in training.
+        media_tokens (`LlamaAVSRMediaTokens`, *optional*): the media already encoded (`encode_media`), in place of
+            `input_features` / `pixel_values_videos`.
         kwargs: passed to the language model (`output_hidden_states`, `output_attentions`, ...) and to the loss
             (`num_items_in_batch`, which Trainer sets so that gradient accumulation is exact).
         """
@@ -472,6 +662,7 @@ class LlamaAVSRForConditionalGeneration(LlamaAVSRPreTrainedModel, GenerationMixi
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            media_tokens=media_tokens,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -821,6 +1012,7 @@ def _generation_config(base, tokenizer, token_ids):
 __all__ = [
     "ADAPTER_CONFIG_NAME",
     "ADAPTER_WEIGHTS_NAME",
+    "LlamaAVSRMediaTokens",
     "LlamaAVSRPreTrainedModel",
     "LlamaAVSRModel",
     "LlamaAVSRForConditionalGeneration",

@@ -16,6 +16,8 @@ from .configuration_llama_avsr import (
     MAX_AUDIO_SECONDS,
     PARTIAL_WINDOWS,
     SAMPLING_RATE,
+    VIDEO_MEAN,
+    VIDEO_STD,
     compressed_length,
     resolve_component,
     whisper_encoder_length,
@@ -38,6 +40,9 @@ class LlamaAVSRProcessor(ProcessorMixin):
         transcript_leading_space (`bool`): tokenise a target as `" " + transcript` (default: the transcript reads as
             the words that follow the prompt) or bare, as the original code does (its tokenizer call gets the bare
             transcript, so its first word is the no-space token). Checkpoints converted from the original set False.
+        video_output (`"normalized" | "uint8"`): `pixel_values_videos` as normalised float32 frames, or as the cropped
+            uint8 frames (a quarter of the bytes to move to the device), which the model normalises there, to the same
+            values (its config's `video_mean` / `video_std` must equal this processor's).
     """
 
     def __init__(
@@ -50,15 +55,19 @@ class LlamaAVSRProcessor(ProcessorMixin):
         video_compression_rate: int = 2,
         partial_window: str = "keep",
         video_crop_size: int = 88,
-        video_mean: float = 0.421,
-        video_std: float = 0.165,
+        video_mean: float = VIDEO_MEAN,
+        video_std: float = VIDEO_STD,
         audio_window: str = "full",
         normalize_waveform: bool = False,
         transcript_leading_space: bool = True,
+        video_output: str = "normalized",
         **kwargs,
     ):
         if audio_window not in ("full", "trimmed"):
             raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
+        if video_output not in ("normalized", "uint8"):
+            raise ValueError(f"video_output must be 'normalized' or 'uint8', got {video_output!r}")
+        self.video_output = video_output
         self.audio_window = audio_window
         if modality not in DEFAULT_PROMPTS:
             raise ValueError(f"modality must be one of {list(DEFAULT_PROMPTS)}, got {modality!r}")
@@ -153,11 +162,19 @@ class LlamaAVSRProcessor(ProcessorMixin):
             if h < size or w < size:
                 raise ValueError(f"video {i} frames are {h}x{w}, smaller than the {size}x{size} lip crop")
             top, left = (h - size) // 2, (w - size) // 2
-            crop = video[:, top : top + size, left : left + size].astype(np.float32) / 255.0
-            frames.append(torch.from_numpy((crop - self.video_mean) / self.video_std))
+            crop = video[:, top : top + size, left : left + size]
+            if self.video_output == "uint8":
+                if crop.dtype != np.uint8:  # e.g. RGB frames, whose grey levels are fractional
+                    raise ValueError(f"video {i} frames are {crop.dtype} after conversion to grey; "
+                                     "video_output='uint8' takes uint8 grey (T, H, W) frames, as read_video gives them")
+                frames.append(torch.from_numpy(np.ascontiguousarray(crop)))
+            else:
+                crop = crop.astype(np.float32) / 255.0
+                frames.append(torch.from_numpy((crop - self.video_mean) / self.video_std))
             lengths.append(t)
         longest = max(lengths)
-        pixels = torch.zeros(len(frames), longest, size, size)
+        dtype = torch.uint8 if self.video_output == "uint8" else torch.float32
+        pixels = torch.zeros(len(frames), longest, size, size, dtype=dtype)
         mask = torch.zeros(len(frames), longest, dtype=torch.long)
         for i, clip in enumerate(frames):
             pixels[i, : len(clip)] = clip

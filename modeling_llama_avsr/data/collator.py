@@ -119,6 +119,11 @@ class AVSRDataCollator:
         key = row.get("id") or row.get("audio_path") or row.get("video_path")
         return np.random.default_rng([self.seed, self.epoch, zlib.crc32(str(key).encode())])
 
+    @property
+    def augments(self) -> bool:
+        """Whether an utterance's media can differ from one batch to the next (noise, random crops, time masking)."""
+        return self.train and (self.train_noise is not None or self.audio_time_mask or self.processor.uses_video)
+
     def _noise(self, spec: NoiseSpec, length: int, rng: np.random.Generator, exclude: str) -> np.ndarray:
         if spec.kind == "white":
             return rng.standard_normal(length).astype(np.float32)

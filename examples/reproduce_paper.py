@@ -143,7 +143,8 @@ class SinkStudy:
         rows = [context["validation_set"][i] for i in range(min(self.probe_size, len(context["validation_set"])))]
         self.probe = dict(context["clean_collator"](rows))
         self.types = processor_token_types(context["processor"], self.probe)
-        self.monitor = SinkMonitorCallback(self.probe, types=self.types, steps=self.monitor_steps)
+        self.monitor = SinkMonitorCallback(self.probe, types=self.types, steps=self.monitor_steps,
+                                           at_evaluation=False)
         trainer.add_callback(self.monitor)
 
     def _on_device(self, model, batch):

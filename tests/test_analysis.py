@@ -641,6 +641,10 @@ def test_sink_monitor_steps_and_profile(avsr):
         state.global_step = step
         callback.on_step_end(None, state, None, model=model)
     assert [entry["step"] for entry in callback.history] == [0, 3]
+    quiet = SinkMonitorCallback(dict(batch), threshold=1.5, steps=[0], at_evaluation=False)
+    metrics = {}
+    quiet.on_evaluate(None, state, None, model=model, metrics=metrics)
+    assert quiet.history == [] and metrics == {}
     profile = callback.history[0]["profile"]
     json.dumps(callback.history)
 

@@ -131,7 +131,7 @@ def sink_metrics(model, batch, threshold: float = SINK_THRESHOLD, min_queries: i
 class SinkMonitorCallback(TrainerCallback):
     """Measure `sink_report` on a fixed probe batch (given at construction, e.g. a few dev samples from the
     evaluation collator) at each evaluation, and, with `steps`, at those optimizer steps too (0 = the model before
-    its first update), without running an evaluation.
+    its first update), without running an evaluation (`at_evaluation=False`: only at those steps).
 
     At an evaluation the metrics go into the evaluation metrics (prefixed `eval_`); Trainer has already logged those
     when callbacks run, so for TensorBoard pass the trainer (`SinkMonitorCallback(probe, trainer=trainer)` or
@@ -141,13 +141,15 @@ class SinkMonitorCallback(TrainerCallback):
     sinks' token types."""
 
     def __init__(self, probe_batch, threshold: float = SINK_THRESHOLD, trainer=None,
-                 min_queries: int = SINK_MIN_QUERIES, types: torch.Tensor | None = None, steps=()):
+                 min_queries: int = SINK_MIN_QUERIES, types: torch.Tensor | None = None, steps=(),
+                 at_evaluation: bool = True):
         self.probe_batch = dict(probe_batch)
         self.threshold = threshold
         self.min_queries = min_queries
         self.types = types
         self.trainer = trainer
         self.steps = {int(step) for step in steps}
+        self.at_evaluation = at_evaluation
         self.history = []
 
     def attach(self, trainer):
@@ -179,7 +181,7 @@ class SinkMonitorCallback(TrainerCallback):
             self._measure(model, state.global_step)
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        if model is None:
+        if model is None or not self.at_evaluation:
             return
         values = self._measure(model, state.global_step)
         if metrics is not None:

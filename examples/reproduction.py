@@ -319,9 +319,13 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
                 gate.append(g_sink > 0 > g_other)
     jaccard = mean_std(shared)
     mlp_hits, gate_hits = _share(mlp), _share(gate)
-    holds_c = jaccard and jaccard["mean"] > 0.5 and mlp_hits[1] and mlp_hits[0] > mlp_hits[1] / 2
-    out.append(("(c) sinks' massive activations share BOS's feature indices and come from the MLP",
-                "holds" if holds_c else ("not measured" if not jaccard and not mlp_hits[1] else "does not hold"),
+    if jaccard is None:
+        verdict_c = "not observed: no intermediate sink carried a massive activation"
+    elif jaccard["mean"] > 0.5 and mlp_hits[1] and mlp_hits[0] > mlp_hits[1] / 2:
+        verdict_c = "holds"
+    else:
+        verdict_c = "does not hold"
+    out.append(("(c) sinks' massive activations share BOS's feature indices and come from the MLP", verdict_c,
                 f"Jaccard overlap of the massive features of BOS and of intermediate sinks {fmt(jaccard, 1, 2)} "
                 f"(runs whose sinks carry massive features); the MLP writes the largest part of the first massive "
                 f"features in {mlp_hits[0]} of {mlp_hits[1]} (run, feature) cases; its top unit's gate is positive "
@@ -351,9 +355,12 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
                 elif effect["toward"] == "bos":
                     created.append(len(sink_after) > len(sink_before))
     removed, created = _share(removed), _share(created)
+
+    def part(hits, total):
+        return "not measured" if not total else ("holds" if hits > total / 2 else "does not hold")
+
     out.append(("(e) eq. 8 removes a sink and its massive activations, eq. 9 creates one",
-                "holds" if removed[1] and created[1] and removed[0] > removed[1] / 2 and created[0] > created[1] / 2
-                else ("not measured" if not removed[1] and not created[1] else "does not hold"),
+                f"eq. 8: {part(*removed)}; eq. 9: {part(*created)}",
                 f"eq. 8 halved a sink's sink layers and massive entries in {removed[0]} of {removed[1]} base runs with "
                 f"an intermediate sink; eq. 9 made a token a sink in more layers in {created[0]} of {created[1]}"))
 
@@ -374,8 +381,8 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
     fewer = sum(1 for s, r in calls if s and s["separable"] and s["difference"] < 0)
     lower_ratio = sum(1 for s, r in calls if r and r["separable"] and r["difference"] < 0)
     out.append(("(f) decorrelation removes intermediate sinks and massive activations",
-                "holds" if calls and fewer == len(calls) and lower_ratio == len(calls) else
-                ("not measured" if not calls else
+                "not measured" if not calls else
+                ("holds" if fewer == len(calls) and lower_ratio == len(calls) else
                  f"partly: fewer sinks in {fewer} of {len(calls)} settings, lower ratio in {lower_ratio}"),
                 "; ".join(lines)))
 
@@ -389,7 +396,8 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
     worse = [n for n, c in high + low_rates if c["separable"] and c["difference"] > 0]
     neutral = [n for n, c in low_rates if not c["separable"]]
     out.append(("(g) decorrelation lowers WER at high compression and is neutral at low",
-                ("holds" if high and len(better) == len(high) and len(neutral) == len(low_rates) else
+                ("too few seeds" if not high else
+                 "holds" if len(better) == len(high) and len(neutral) == len(low_rates) else
                  "not separable from seed variance" if high and not better and not worse else
                  "does not hold" if worse or (high and not better) else "partly"),
                 f"high compression ({', '.join(SETTINGS[n].label for n, _ in high)}): lower in "
@@ -411,8 +419,8 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
                      f"({verdict(row['compare'])}), max ratio {fmt(row['ratio_base'], 1, 0, False)} -> "
                      f"{fmt(row['ratio_act'], 1, 0, False)}")
     out.append(("(h) ACT gains less than decorrelation and leaves massive activations in place",
-                "holds" if gains_less and all(gains_less) and massive_kept and all(massive_kept) else
-                ("not measured" if not parts else "does not hold"), "; ".join(parts)))
+                ("not measured" if not gains_less or not massive_kept else
+                 "holds" if all(gains_less) and all(massive_kept) else "does not hold"), "; ".join(parts)))
     return out
 
 

@@ -26,6 +26,7 @@ standard error, sqrt(s1^2 / n1 + s2^2 / n2); otherwise it is "not separable from
 """
 
 import argparse
+import concurrent.futures
 import fnmatch
 import json
 import logging
@@ -279,15 +280,27 @@ def run_cells(cells, out, lip_encoder, extra, workers: int, force: bool, deadlin
             name, error = _worker(job)
             logger.info("%s %s", name, "failed" if error else "done")
         return
-    # spawn: CUDA cannot be forked; each process keeps its compiled kernels across the cells it runs.
-    with multiprocessing.get_context("spawn").Pool(workers, maxtasksperchild=None) as pool:
-        pending = pool.imap_unordered(_worker, jobs)
-        for done, (name, error) in enumerate(pending, 1):
-            logger.info("[%d/%d] %s %s", done, len(jobs), name, "failed: see error.json" if error else "done")
-            if deadline is not None and time.time() > deadline:
-                logger.warning("time budget spent: stopping; a rerun continues where this one stopped")
-                pool.terminate()
-                return
+    # spawn: CUDA cannot be forked; each process keeps its compiled kernels across the cells it runs. Cells are handed
+    # out one at a time, so that after the deadline no new cell starts while the running ones finish and write.
+    pending, running = list(jobs), {}
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        done = 0
+        while pending or running:
+            while pending and len(running) < workers:
+                if deadline is not None and time.time() > deadline:
+                    logger.warning("time budget spent: %d cells left for a rerun", len(pending))
+                    pending = []
+                    break
+                job = pending.pop(0)
+                running[pool.submit(_worker, job)] = job
+            if not running:
+                break
+            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in finished:
+                running.pop(future)
+                name, error = future.result()
+                done += 1
+                logger.info("[%d/%d] %s %s", done, len(jobs), name, "failed: see error.json" if error else "done")
 
 
 def main(argv=None):

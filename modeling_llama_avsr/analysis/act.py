@@ -284,7 +284,7 @@ def search_act_heads(evaluate_wer, num_layers: int, num_heads: int, layers=None,
             candidate = (chosen | {(layer, head)}) if mode == "greedy" else {(layer, head)}
             wer = float(evaluate_wer(candidate))
             history.append((candidate, wer))
-            logger.info("ACT head search: %s -> WER %.4f (best %.4f)", sorted(candidate), wer, best)
+            logger.info("ACT head search: %s -> %.4f (best %.4f; lower is better)", sorted(candidate), wer, best)
             reference = best if mode == "greedy" else baseline
             if wer < reference - min_gain:
                 chosen.add((layer, head))

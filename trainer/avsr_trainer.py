@@ -379,11 +379,15 @@ class AVSRTrainer(EvalCollatorTrainer):
             inputs = {**inputs, "output_hidden_states": True}
         # Trainer's own loss: the CE normalised by num_items_in_batch (the whole accumulation window, all processes)
         # and multiplied by the number of processes, since DDP averages gradients.
+        repeated = None
         if not training:
             # Evaluation has no gradients to average: each batch's CE is its own token mean, as on one process.
             # (Trainer's prediction_step passes the token count gathered over the processes, which makes the loss
             # depend on the other processes' batches, and on the repeated rows that pad an odd test split.)
             num_items_in_batch = None
+            repeated = self._repeated_rows(inputs["input_ids"])
+            if repeated is not None and inputs.get("labels") is not None:
+                inputs = {**inputs, "labels": inputs["labels"].masked_fill(repeated.unsqueeze(-1), IGNORE_INDEX)}
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss = ce
         phase = "train" if training else "eval"
@@ -401,6 +405,8 @@ class AVSRTrainer(EvalCollatorTrainer):
             attention_mask = inputs.get("attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(inputs["input_ids"])
+            if repeated is not None:  # a sample without attended tokens does not count in the mean
+                attention_mask = attention_mask.masked_fill(repeated.unsqueeze(-1), 0)
             token_mask = None
             if self.args.decorrelation_tokens == "prefix":
                 token_mask = prefix_mask(attention_mask, inputs.get("labels"))
@@ -441,6 +447,19 @@ class AVSRTrainer(EvalCollatorTrainer):
                                            for f in fields)
         inputs["media_tokens"] = tokens
         return inputs
+
+    def _repeated_rows(self, input_ids) -> torch.Tensor | None:
+        """(B,) bool, or None: the rows of this process's last evaluation batch that accelerate repeats so that every
+        process gets a full batch when the split does not divide evenly. gather_for_metrics keeps the first
+        `remainder` rows of the last step (process 0's rows first), so the others' predictions and losses are
+        dropped; their tokens must not enter the means of this batch's real rows either. A process whose rows are
+        all repeats gets a NaN CE, dropped with them."""
+        state = self.accelerator.gradient_state
+        if not (state.end_of_dataloader and state.remainder > 0 and self.accelerator.even_batches):
+            return None
+        rows = input_ids.shape[0]
+        first = self.accelerator.process_index * rows
+        return torch.arange(first, first + rows, device=input_ids.device) >= state.remainder
 
     def _accumulate(self, phase, values, count):
         if phase == "eval":

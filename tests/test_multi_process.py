@@ -92,6 +92,8 @@ def force_fsdp(trainer):
     assert not trainer.is_fsdp_enabled and trainer.accelerator.distributed_type == DistributedType.MULTI_CPU
     state = trainer.accelerator.state
     state.fsdp_plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables of fsdp.yaml
+    if state.mixed_precision != "no":
+        state.fsdp_plugin.set_mixed_precision(state.mixed_precision)
     # What AcceleratorState.__init__ does on a GPU: both shared states say FSDP (each AcceleratorState() call
     # copies the PartialState's values over its own).
     state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -343,14 +345,14 @@ def test_fsdp_refuses_an_ignored_module_that_trains():
         check_fsdp_ignored_modules(trained, pattern)
 
 
-def test_bench_multi_gpu_quick(tmp_path):
+def test_bench_gpu_multi_gpu_quick(tmp_path):
     # The scaling benchmark's every code path on the CPU: one process at b and 2b, ddp.yaml and fsdp.yaml launches
     # with 2 gloo processes (FSDP is plain data parallel there, as accelerate has it). NVLink multicast is forced off
     # in every process it starts, whatever the caller's environment says.
     out = tmp_path / "bench.json"
     env = {**os.environ, "NCCL_NVLS_ENABLE": "1", "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
-    result = subprocess.run([sys.executable, str(REPO / "examples" / "benchmarks" / "bench_multi_gpu.py"), "--quick",
-                             "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(REPO / "examples" / "benchmarks" / "bench_gpu.py"), "--multi-gpu",
+                             "--quick", "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     report = json.loads(out.read_text())
     runs, summary = report["runs"], report["summary"]

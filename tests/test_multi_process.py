@@ -48,12 +48,19 @@ def free_port():
         return sock.getsockname()[1]
 
 
+# The end of every worker script, reached only once the worker returned (an exception exits non-zero before it):
+# gloo's threads can abort the interpreter's teardown ("terminate called without an active exception", seen in CI
+# after the work was done), so the process leaves without running destructors. The workers pass a barrier first,
+# so that rank 0's results are written before either process tears the group down.
+LEAVE = "sys.stdout.flush(); sys.stderr.flush()\nimport os\nos._exit(0)\n"
+
+
 def launch(config: str, worker: str, output_dir: Path, timeout=600):
     """`accelerate launch --config_file examples/accelerate/<config>` running `<worker>(output_dir)` of this file
     in 2 CPU processes."""
     script = output_dir / "worker.py"
     script.write_text(f"import sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nimport test_multi_process\n"
-                      f"test_multi_process.{worker}({str(output_dir)!r})\n")
+                      f"test_multi_process.{worker}({str(output_dir)!r})\n{LEAVE}")
     env = {**os.environ, **NO_MULTICAST, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), str(REPO), *sys.path])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / config),
@@ -178,13 +185,15 @@ def ddp_worker(output_dir: str):
         results.update(uninterrupted_logs=uninterrupted.state.log_history, resumed_logs=resumed.state.log_history,
                        resumed_steps=steps.count)
         torch.save(results, output_dir / "rank0.pt")
-    trainer.accelerator.end_training()  # leave the gloo group before exit: a live one can abort the interpreter
+    torch.distributed.barrier()  # rank 0's file is written before either process tears the group down
+    trainer.accelerator.end_training()
 
 
 def fsdp_worker(output_dir: str):
     trainer, results = scaling_run(Path(output_dir) / "scaling", fsdp=True)
     if trainer.args.process_index == 0:
         torch.save(results, Path(output_dir) / "rank0.pt")
+    torch.distributed.barrier()
     trainer.accelerator.end_training()
 
 
@@ -376,20 +385,25 @@ def test_readme_command_on_two_cpu_processes(tmp_path, offline_cache_dir):
     # SmolLM2-135M + Whisper tiny.en, 2 CPU processes, a test split of 5 (odd) utterances; then the final model
     # evaluated on one process gives the run's test WER, CE and decorrelation. Evaluation batch 1: with the trimmed
     # log-mel window a clip's features depend a little on the longest clip of its batch, and the last batch of 2
-    # processes holds other clips than one process's.
+    # processes holds other clips than one process's. The launched script is run_avsr.main() followed by LEAVE:
+    # run_avsr.py has left the process group (end_training) when main() returns; a failure in main() still exits
+    # non-zero, and the files the run wrote are checked below.
     from modeling_llama_avsr import LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
     from modeling_llama_avsr.data import load_synthetic, make_corpus
     from modeling_llama_avsr.data.collator import AVSRDataCollator
     from trainer import AVSRTrainer, AVSRTrainingArguments
 
     corpus, out = tmp_path / "corpus", tmp_path / "run"
+    script = tmp_path / "run_avsr_then_leave.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(REPO / 'examples')!r})\nimport run_avsr\n"
+                      f"run_avsr.main()\n{LEAVE}")
     sizes = ["--num_train", "8", "--num_validation", "4", "--num_test", "5"]
     make_corpus(str(corpus), num_train=8, num_validation=4, num_test=5, num_workers=1)  # once, before the processes
     env = {**os.environ, **NO_MULTICAST, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), *sys.path])}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "ddp.yaml"),
                "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-               "--main_process_port", str(free_port()), str(REPO / "examples" / "run_avsr.py"),
+               "--main_process_port", str(free_port()), str(script),
                "--data_dir", str(corpus), *sizes, "--output_dir", str(out), "--max_steps", "4",
                "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1", "--save_strategy", "steps",
                "--save_steps", "2", "--logging_steps", "1", "--generation_max_new_tokens", "8",

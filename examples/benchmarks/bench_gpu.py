@@ -758,7 +758,7 @@ def multi_gpu_train(model, processor, data, batch, steps, output_dir, quick):
 
 def multi_gpu_worker(args):
     """One run (in each of its processes): `one` trains at b and then 2b on one device, `ddp`/`fsdp` at b per
-    process under `accelerate launch`. The main process writes the results to --result."""
+    process under `accelerate launch`. The main process writes the results to --result; then the process exits."""
     from accelerate import PartialState
 
     logging.basicConfig(level=logging.WARNING)
@@ -797,7 +797,14 @@ def multi_gpu_worker(args):
             torch.cuda.empty_cache()
     if state.is_main_process:
         Path(args.result).write_text(json.dumps(runs, indent=1))
-    state.destroy_process_group()  # leave the group before exit: a live one can abort the interpreter
+    state.wait_for_everyone()  # the results are written before either process tears the group down
+    state.destroy_process_group()
+    # A worker is a process of its own (start_multi_gpu_run checks its exit status and reads --result): it leaves
+    # without running destructors, since gloo's threads can abort the interpreter's teardown after the work is done
+    # ("terminate called without an active exception", seen in CI). An exception above still exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def free_port():

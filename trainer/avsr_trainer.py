@@ -15,6 +15,7 @@ utterance) (`AVSRDataCollator` does).
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
@@ -187,15 +188,44 @@ class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
 
 
 class _CollatorEpoch(TrainerCallback):
-    """Tells the training collator which epoch starts (DataLoader workers fork after this, so they see it too)."""
+    """Tells the training collator which epoch starts (DataLoader workers fork after this, so they see it too), and
+    the max-frames batch sampler: Trainer reaches a batch sampler through accelerate's wrappers itself, except when a
+    resumed run on several processes skips batches (SkipBatchSampler around BatchSamplerShard hides it), and that
+    sampler's epoch-0 order would then finish the resumed epoch."""
 
     def __init__(self, trainer):
         self.trainer = trainer
 
     def on_epoch_begin(self, args, state, control, **kwargs):
+        # state.epoch is epoch + fraction done: an integer here, or mid-epoch when a run resumes
+        epoch = int(state.epoch or 0)
         if hasattr(self.trainer.data_collator, "set_epoch"):
-            # state.epoch is epoch + fraction done: an integer here, or mid-epoch when a run resumes
-            self.trainer.data_collator.set_epoch(int(state.epoch or 0))
+            self.trainer.data_collator.set_epoch(epoch)
+        if self.trainer._max_frames_sampler is not None:
+            self.trainer._max_frames_sampler.set_epoch(epoch)
+
+
+def check_fsdp_ignored_modules(model, ignored_modules) -> None:
+    """FSDP leaves its ignored modules alone: each process keeps its own copy and their gradients are never averaged
+    across processes. That is right for frozen encoders (examples/accelerate/fsdp.yaml) and silently wrong for a
+    module that trains, whose copies would drift apart: refuse it. `ignored_modules` is accelerate's
+    `fsdp_ignored_modules`: a regular expression matched against full module names, or modules."""
+    if ignored_modules is None:
+        return
+    if isinstance(ignored_modules, str):
+        pattern = re.compile(ignored_modules)
+        ignored = [(name, module) for name, module in model.named_modules() if pattern.fullmatch(name)]
+    else:
+        names = {id(module): name for name, module in model.named_modules()}
+        ignored = [(names.get(id(module), type(module).__name__), module) for module in ignored_modules]
+    for name, module in ignored:
+        trained = [n for n, p in module.named_parameters() if p.requires_grad]
+        if trained:
+            raise ValueError(
+                f"FSDP ignores {name} (fsdp_ignored_modules {ignored_modules!r}) but it has trainable parameters "
+                f"({trained[0]}, ...): their gradients would not be averaged across processes. Freeze it "
+                "(freeze_audio_encoder / freeze_video_encoder) or take it out of fsdp_ignored_modules."
+            )
 
 
 def _is_light_checkpoint(folder) -> bool:
@@ -273,7 +303,12 @@ class AVSRTrainer(EvalCollatorTrainer):
         self._aux_sums = {"train": {}, "eval": {}}
         self._aux_counts = {"train": 0.0, "eval": 0.0}
         self._saving_checkpoint = False
+        self._max_frames_sampler = None
         self.add_callback(_CollatorEpoch(self))
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not self.is_fsdp_enabled:
+            # accelerate turns an FSDP configuration into FSDP on accelerator devices only
+            logger.warning("FSDP was configured but accelerate runs %s here (no GPU): the model is not sharded",
+                           self.accelerator.distributed_type)
         if self.args.early_stopping_patience is not None:
             self.add_callback(EarlyStoppingCallback(self.args.early_stopping_patience,
                                                     self.args.early_stopping_threshold))
@@ -344,6 +379,15 @@ class AVSRTrainer(EvalCollatorTrainer):
             inputs = {**inputs, "output_hidden_states": True}
         # Trainer's own loss: the CE normalised by num_items_in_batch (the whole accumulation window, all processes)
         # and multiplied by the number of processes, since DDP averages gradients.
+        repeated = None
+        if not training:
+            # Evaluation has no gradients to average: each batch's CE is its own token mean, as on one process.
+            # (Trainer's prediction_step passes the token count gathered over the processes, which makes the loss
+            # depend on the other processes' batches, and on the repeated rows that pad an odd test split.)
+            num_items_in_batch = None
+            repeated = self._repeated_rows(inputs["input_ids"])
+            if repeated is not None and inputs.get("labels") is not None:
+                inputs = {**inputs, "labels": inputs["labels"].masked_fill(repeated.unsqueeze(-1), IGNORE_INDEX)}
         ce, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         loss = ce
         phase = "train" if training else "eval"
@@ -361,6 +405,8 @@ class AVSRTrainer(EvalCollatorTrainer):
             attention_mask = inputs.get("attention_mask")
             if attention_mask is None:
                 attention_mask = torch.ones_like(inputs["input_ids"])
+            if repeated is not None:  # a sample without attended tokens does not count in the mean
+                attention_mask = attention_mask.masked_fill(repeated.unsqueeze(-1), 0)
             token_mask = None
             if self.args.decorrelation_tokens == "prefix":
                 token_mask = prefix_mask(attention_mask, inputs.get("labels"))
@@ -402,23 +448,46 @@ class AVSRTrainer(EvalCollatorTrainer):
         inputs["media_tokens"] = tokens
         return inputs
 
+    def _repeated_rows(self, input_ids) -> torch.Tensor | None:
+        """(B,) bool, or None: the rows of this process's last evaluation batch that accelerate repeats so that every
+        process gets a full batch when the split does not divide evenly. gather_for_metrics keeps the first
+        `remainder` rows of the last step (process 0's rows first), so the others' predictions and losses are
+        dropped; their tokens must not enter the means of this batch's real rows either. A process whose rows are
+        all repeats gets a NaN CE, dropped with them."""
+        state = self.accelerator.gradient_state
+        if not (state.end_of_dataloader and state.remainder > 0 and self.accelerator.even_batches):
+            return None
+        rows = input_ids.shape[0]
+        first = self.accelerator.process_index * rows
+        return torch.arange(first, first + rows, device=input_ids.device) >= state.remainder
+
     def _accumulate(self, phase, values, count):
+        if phase == "eval":
+            # As Trainer treats the eval loss: the batch's value once per row of a full batch, gathered from every
+            # process with gather_for_metrics, which drops the rows that the last batches repeat to give each
+            # process as many (an odd test split over 2 processes). Then the CE and decorrelation are means over
+            # the utterances, each counted once, and eval_loss = eval_ce_loss + lambda * eval_decor_loss.
+            names = sorted(values)
+            per_row = torch.stack([values[name].float().reshape(()) for name in names])
+            rows = self.gather_function(per_row.unsqueeze(0).repeat(self.args.eval_batch_size, 1))
+            values, count = dict(zip(names, rows.sum(0))), rows.shape[0]
         sums = self._aux_sums[phase]
         for name, value in values.items():
             sums[name] = sums[name] + value if name in sums else value
         self._aux_counts[phase] += count
 
     def _reduce_aux(self, phase) -> dict[str, float]:
-        """Mean over the steps (train) or batches (eval) since the last reduction, averaged over processes; resets.
-        Every process must call it (it gathers)."""
+        """Mean over the steps (train, averaged over processes) or the evaluated utterances (eval, already gathered)
+        since the last reduction; resets. Every process must call it (it gathers)."""
         sums, count = self._aux_sums[phase], self._aux_counts[phase]
         self._aux_sums[phase], self._aux_counts[phase] = {}, 0.0
         if not sums or count == 0:
             return {}
         names = sorted(sums)
         stacked = torch.stack([sums[name].float().reshape(()) for name in names]).to(self.args.device)
-        gathered = self.accelerator.gather(stacked.unsqueeze(0)).mean(0)
-        return {name: value / count for name, value in zip(names, gathered.tolist())}
+        if phase == "train":
+            stacked = self.accelerator.gather(stacked.unsqueeze(0)).mean(0)
+        return {name: value / count for name, value in zip(names, stacked.tolist())}
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs (the ones with "loss") get the CE and decorrelation parts of that same loss.
@@ -470,6 +539,13 @@ class AVSRTrainer(EvalCollatorTrainer):
                     self.state.best_metric)
         load_light_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
 
+    # ---- several processes ---------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        if self.is_fsdp_enabled:
+            check_fsdp_ignored_modules(self.model, self.accelerator.state.fsdp_plugin.ignored_modules)
+        return super().train(*args, **kwargs)
+
     # ---- batching ------------------------------------------------------------------------------------------------
 
     def _get_train_sampler(self, train_dataset=None):
@@ -489,6 +565,7 @@ class AVSRTrainer(EvalCollatorTrainer):
             self.train_dataset["num_frames"], self.args.max_frames_per_batch, num_replicas=self.args.world_size,
             seed=self.args.seed, drop_last=self.args.dataloader_drop_last,
         )
+        self._max_frames_sampler = sampler
         workers = self.args.dataloader_num_workers
         loader = DataLoader(
             self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator, num_workers=workers,
@@ -564,4 +641,4 @@ class AVSRTrainer(EvalCollatorTrainer):
 
 
 __all__ = ["AVSRTrainer", "EpochSeededLengthGroupedSampler", "EvalCollatorTrainer", "apply_liger_kernel_to_text_model",
-           "prompt_only"]
+           "check_fsdp_ignored_modules", "prompt_only"]

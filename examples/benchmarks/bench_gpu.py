@@ -22,17 +22,44 @@ does), batched greedy; 24 new tokens.
 A mode that fails is reported (error and traceback tail) and the run goes on; the JSON is rewritten after every
 mode, and modes that would not fit the time budget (--budget seconds) are skipped, in priority order.
 Optional: --embedded-default CORPUS --text-model DIR --audio-encoder DIR times run_avsr.py's default recipe.
+
+Several GPUs (--multi-gpu): DDP and FSDP through accelerate against one GPU, training AVSRTrainer on the model above
+(bf16 frozen weights as run_avsr.py loads them on a GPU, the trained tensors in fp32 in every run, as accelerate's
+FSDP makes them anyway; bf16 mixed precision from the YAMLs; the decorrelation loss with the paper's lambda 1e4, the
+original's layers and prefix tokens):
+
+    python examples/benchmarks/bench_gpu.py --multi-gpu --out bench_multi_gpu.json          # 2 GPUs, a few minutes
+    python examples/benchmarks/bench_gpu.py --multi-gpu --quick --out q.json                # CPU, 2 gloo processes
+
+Runs, each in processes of its own, started with NVLink multicast off (NCCL_NVLS_ENABLE=0,
+TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1, forced whatever the caller's environment says):
+  one   `python bench_gpu.py --multi-gpu-worker one` on the first GPU: per-GPU batch b (8), then 2b
+  ddp   `accelerate launch --config_file examples/accelerate/ddp.yaml bench_gpu.py --multi-gpu-worker ddp`, b per GPU
+  fsdp  the same with examples/accelerate/fsdp.yaml (decoder layers sharded, encoders replicated), b per GPU
+Every run trains the same clips in the same order (sequential sampling: step k of 2 processes x b holds the clips of
+step k of 1 process x 2b) from the same seeded weights, for 20 steps (--steps) after a first epoch of 4 steps that
+fills a batch cache (batches are collated once, then reused: the host's feature extraction is not timed).
+Reported: samples/s over the cached steps; DDP / one GPU at the same per-GPU batch (the issue asks >= 1.8); FSDP's
+memory per GPU (the wrapped model's, and the peak while training) and samples/s against DDP; the loss curves of DDP
+and FSDP against one GPU at 2b over the first 20 steps (largest relative difference: bf16 noise on a GPU, about 1e-6
+in fp32 on a CPU). On a CPU accelerate runs FSDP as plain data parallelism (its distributed_type says MULTI_CPU);
+tests/test_multi_process.py checks the sharding there.
 """
 
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import logging
 import math
+import os
 import platform
 import signal
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -40,13 +67,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import GenerationMixin, LlamaConfig, PreTrainedTokenizerFast, WhisperConfig, WhisperFeatureExtractor
+from transformers import (GenerationMixin, LlamaConfig, PreTrainedTokenizerFast, TrainerCallback, WhisperConfig,
+                          WhisperFeatureExtractor)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, when the package is not installed
 
 from modeling_llama_avsr import AVHubertConfig, LlamaAVSRConfig, LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
 from modeling_llama_avsr.tokenization_llama_avsr import prepare_tokenizer
-from trainer import decorrelation_loss
+from trainer import AVSRTrainer, AVSRTrainingArguments, decorrelation_loss
 from trainer.avsr_trainer import LogitsToKeepCollator, apply_liger_kernel_to_text_model, prompt_only
 from trainer.decorrelation import layer_indices
 
@@ -623,6 +651,263 @@ def print_table(results):
         print(f"  skipped for time: {', '.join(results['skipped'])}")
 
 
+# ---- several GPUs: DDP and FSDP through accelerate against one GPU (issue 13) ------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+ACCELERATE_CONFIGS = REPO / "examples" / "accelerate"
+# NVLink multicast can take a shared host's GPUs out of service: off in every process the multi-GPU runs start.
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+MULTI_GPU_STEPS = {"paper": 20, "quick": 6}  # loss-curve steps; every run trains EPOCH_STEPS more
+EPOCH_STEPS = 4  # steps of one epoch at the global batch 2b: the first fills the batch cache and is not timed
+SEED = 0
+
+
+class IndexedClips(torch.utils.data.Dataset):
+    """The clips of `clips()` with their transcripts; items are indices, which CachedCollator turns into batches."""
+
+    def __init__(self, n, shapes, processor):
+        self.audio, self.video = clips(n, shapes["seconds"], seed=SEED)
+        self.text = transcripts(processor, self.audio, self.video, shapes["tokens"])
+
+    def __len__(self):
+        return len(self.text)
+
+    def __getitem__(self, i):
+        return i
+
+
+class CachedCollator:
+    """The processor's batch for a set of clips, made once: from the second epoch on, steps are the GPUs' alone."""
+
+    def __init__(self, data, processor):
+        self.data, self.processor, self.cache = data, processor, {}
+
+    def __call__(self, indices):
+        key = tuple(indices)
+        if key not in self.cache:
+            self.cache[key] = dict(self.processor(audio=[self.data.audio[i] for i in key],
+                                                  videos=[self.data.video[i] for i in key],
+                                                  text=[self.data.text[i] for i in key]))
+        return self.cache[key]
+
+
+class StepClock(TrainerCallback):
+    """Wall time at the end of every optimizer step (once the device has finished it), and the memory the model holds
+    once wrapped: Trainer prepares the model (DDP, FSDP) before on_train_begin, so the peak counted from there on is
+    training's, not that of the whole model that each process built before FSDP sharded it."""
+
+    def __init__(self):
+        self.ends = []
+        self.resident_gib = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            gc.collect()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.resident_gib = torch.cuda.memory_allocated() / 2**30
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+def fingerprint(model) -> float:
+    """A sum over every weight: equal in two runs (or processes) only if they start from the same model."""
+    with torch.no_grad():
+        return float(sum(p.detach().sum(dtype=torch.float64) for p in model.parameters()))
+
+
+def multi_gpu_train(model, processor, data, batch, steps, output_dir, quick):
+    """`steps` AVSRTrainer steps at `batch` per process; losses, samples/s over the cached steps, memory per GPU."""
+    args = AVSRTrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=batch, max_steps=steps, learning_rate=1e-3,
+        lr_scheduler_type="constant", adam_beta2=0.98, weight_decay=0.1, max_grad_norm=10.0,
+        decorrelation_weight=1e4, decorrelation_layers="reference", decorrelation_tokens="prefix",
+        train_sampling_strategy="sequential", dataloader_num_workers=0, logging_steps=1, save_strategy="no",
+        report_to="none", disable_tqdm=True, seed=SEED, bf16=not quick, use_cpu=quick,
+        ddp_find_unused_parameters=False,  # every trained tensor is used in every step
+    )
+    clock = StepClock()
+    trainer = AVSRTrainer(model=model, args=args, train_dataset=data, data_collator=CachedCollator(data, processor),
+                          processing_class=processor, callbacks=[clock])
+    trainer.train()
+    global_batch = batch * trainer.accelerator.num_processes
+    first = len(data) // global_batch  # the steps of the first epoch: uncached batches, warm-up
+    timed = len(clock.ends) - first
+    seconds = clock.ends[-1] - clock.ends[first - 1]
+    peaks = resident = None  # a CPU has no allocator statistics
+    if torch.cuda.is_available():
+        memory = torch.tensor([[torch.cuda.max_memory_allocated() / 2**30, clock.resident_gib]],
+                              device=trainer.args.device)
+        peaks, resident = trainer.accelerator.gather(memory).T.tolist()
+    logs = [log for log in trainer.state.log_history if "loss" in log and "step" in log]
+    result = {
+        "processes": trainer.accelerator.num_processes, "per_device_batch": batch, "global_batch": global_batch,
+        "distributed_type": str(trainer.accelerator.distributed_type).removeprefix("DistributedType."),
+        "sharded": trainer.is_fsdp_enabled, "mixed_precision": trainer.accelerator.mixed_precision,
+        "timed_steps": timed, "samples_per_s": global_batch * timed / seconds, "step_ms": 1000 * seconds / timed,
+        "model_gib_per_device": resident, "peak_gib_per_device": peaks,
+        "loss": [log["loss"] for log in logs], "ce_loss": [log["ce_loss"] for log in logs],
+        "decor_loss": [log["decor_loss"] for log in logs],
+    }
+    trainer.accelerator.wait_for_everyone()
+    return trainer, result
+
+
+def multi_gpu_worker(args):
+    """One run (in each of its processes): `one` trains at b and then 2b on one device, `ddp`/`fsdp` at b per
+    process under `accelerate launch`. The main process writes the results to --result; then the process exits."""
+    from accelerate import PartialState
+
+    logging.basicConfig(level=logging.WARNING)
+    shapes = SHAPES["quick" if args.quick else "paper"]
+    batch = args.batch or shapes["batches"][0]
+    steps = (args.steps or MULTI_GPU_STEPS["quick" if args.quick else "paper"]) + EPOCH_STEPS
+    state = PartialState(cpu=args.quick)
+    device = "cpu" if args.quick else f"cuda:{state.local_process_index}"
+    name = args.multi_gpu_worker
+    runs = {}
+    for run, per_device in ([("one_b", batch), ("one_2b", 2 * batch)] if name == "one" else [(name, batch)]):
+        torch.manual_seed(SEED)
+        # bf16 weights on a GPU (fp32 on a CPU); the trained tensors in fp32 in every run, so that DDP and one GPU
+        # update what FSDP updates (accelerate's FSDP keeps fp32 masters of them under mixed precision).
+        model, processors = build(shapes, device, torch.float32 if args.quick else torch.bfloat16)
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+        start = fingerprint(model)
+        if state.num_processes > 1:  # FSDP shards each process's own copy: the copies must be equal
+            prints = [None] * state.num_processes
+            torch.distributed.all_gather_object(prints, start)
+            if len(set(prints)) != 1:
+                raise RuntimeError(f"the processes built different weights: {prints}")
+        data = IndexedClips(EPOCH_STEPS * 2 * batch, shapes, processors["trimmed"])
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer, result = multi_gpu_train(model, processors["trimmed"], data, per_device, steps, output_dir,
+                                              args.quick)
+        result.update(weights_fingerprint=start, nccl_nvls_enable=os.environ.get("NCCL_NVLS_ENABLE"),
+                      device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+        runs[run] = result
+        trainer.accelerator.free_memory()
+        del trainer, model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if state.is_main_process:
+        Path(args.result).write_text(json.dumps(runs, indent=1))
+    state.wait_for_everyone()  # the results are written before either process tears the group down
+    state.destroy_process_group()
+    # A worker is a process of its own (start_multi_gpu_run checks its exit status and reads --result): it leaves
+    # without running destructors, since gloo's threads can abort the interpreter's teardown after the work is done
+    # ("terminate called without an active exception", seen in CI). An exception above still exits non-zero.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_multi_gpu_run(name, args, result):
+    """Run `name` in processes of its own (accelerate launch for ddp/fsdp) and return its results."""
+    script = [str(Path(__file__).resolve()), "--multi-gpu-worker", name, "--result", str(result)]
+    for flag in ("batch", "steps"):
+        if getattr(args, flag):
+            script += [f"--{flag}", str(getattr(args, flag))]
+    if args.quick:
+        script.append("--quick")
+    env = {**os.environ, **NO_MULTICAST, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    if name == "one":
+        # Trainer would spread a plain process over every visible GPU with DataParallel: show it one.
+        if not args.quick:
+            env["CUDA_VISIBLE_DEVICES"] = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+        command = [sys.executable, *script]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(ACCELERATE_CONFIGS / f"{name}.yaml"), "--num_processes", str(args.gpus),
+                   "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]
+        if args.quick:  # the YAMLs are for GPUs: bf16 autocast and NCCL there, fp32 and gloo here
+            command += ["--mixed_precision", "no"]
+            env["OMP_NUM_THREADS"] = "1"
+        command += script
+    logger.info("%s: %s", name, " ".join(command))
+    begin = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"run {name} failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    runs = json.loads(Path(result).read_text())
+    for run in runs.values():
+        run["wall_s"] = round(time.perf_counter() - begin, 1)
+        run["command"] = " ".join(command)
+    return runs
+
+
+def largest_relative_difference(curve, reference):
+    return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(curve, reference))
+
+
+def compare_multi_gpu(runs, steps):
+    """The numbers the issue asks for, from the runs present."""
+    summary = {}
+    one_b, one_2b, ddp, fsdp = (runs.get(k) for k in ("one_b", "one_2b", "ddp", "fsdp"))
+    if one_b and ddp:
+        summary["ddp_speedup_vs_one_gpu_same_per_gpu_batch"] = ddp["samples_per_s"] / one_b["samples_per_s"]
+    if ddp and fsdp:
+        summary["fsdp_samples_per_s_vs_ddp"] = fsdp["samples_per_s"] / ddp["samples_per_s"]
+        if fsdp["peak_gib_per_device"] and ddp["peak_gib_per_device"]:
+            summary["fsdp_vs_ddp_peak_gib_per_gpu"] = [max(fsdp["peak_gib_per_device"]),
+                                                       max(ddp["peak_gib_per_device"])]
+            summary["fsdp_vs_ddp_model_gib_per_gpu"] = [max(fsdp["model_gib_per_device"]),
+                                                        max(ddp["model_gib_per_device"])]
+    for name, run in (("ddp", ddp), ("fsdp", fsdp)):
+        if run and one_2b and run["weights_fingerprint"] == one_2b["weights_fingerprint"]:
+            summary[f"{name}_loss_vs_one_gpu_2b_max_rel_diff"] = largest_relative_difference(
+                run["loss"][:steps], one_2b["loss"][:steps])
+    return summary
+
+
+def multi_gpu_table(report):
+    lines = ["| run | processes | distributed | per-GPU batch | samples/s | step ms | model GiB per GPU | "
+             "peak GiB per GPU |", "|---|---|---|---|---|---|---|---|"]
+    for name, run in report["runs"].items():
+        model, peaks = (", ".join(f"{p:.1f}" for p in run[key] or []) or "-"
+                        for key in ("model_gib_per_device", "peak_gib_per_device"))
+        lines.append(f"| {name} | {run['processes']} | {run['distributed_type']} | {run['per_device_batch']} | "
+                     f"{run['samples_per_s']:.1f} | {run['step_ms']:.0f} | {model} | {peaks} |")
+    lines += ["", *(f"- {key}: {value}" for key, value in report["summary"].items())]
+    return "\n".join(lines)
+
+
+def multi_gpu(args):
+    """The driver: the runs one after the other, their comparison, a JSON report (rewritten after every run)."""
+    import accelerate
+    import peft
+    import transformers
+
+    if not args.quick and torch.cuda.device_count() < args.gpus:
+        raise SystemExit(f"{args.gpus} GPUs needed, {torch.cuda.device_count()} visible (--quick runs on the CPU)")
+    steps = args.steps or MULTI_GPU_STEPS["quick" if args.quick else "paper"]
+    report = {"env": {"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "python": platform.python_version(), "torch": torch.__version__,
+                      "transformers": transformers.__version__, "accelerate": accelerate.__version__,
+                      "peft": peft.__version__, "command": " ".join(sys.argv), "quick": args.quick,
+                      "visible_gpus": torch.cuda.device_count(), **NO_MULTICAST},  # GPU names: from the workers
+              "runs": {}, "summary": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.multi_gpu_runs.split(","):
+            report["runs"].update(start_multi_gpu_run(name, args, Path(scratch) / f"{name}.json"))
+            report["summary"] = compare_multi_gpu(report["runs"], steps)
+            if args.out:
+                Path(args.out).write_text(json.dumps(report, indent=1))
+    print(multi_gpu_table(report))
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -634,9 +919,23 @@ def main(argv=None):
     parser.add_argument("--text-model", default="smollm2-135m")
     parser.add_argument("--audio-encoder", default="whisper-tiny.en")
     parser.add_argument("--embedded-output", default="/tmp/bench_gpu_run_avsr")
+    parser.add_argument("--multi-gpu", action="store_true",
+                        help="DDP and FSDP through accelerate against one GPU instead (see above)")
+    parser.add_argument("--multi-gpu-runs", default="one,ddp,fsdp", help="--multi-gpu: which runs, in this order")
+    parser.add_argument("--gpus", type=int, default=2, help="--multi-gpu: processes of the ddp and fsdp runs")
+    parser.add_argument("--batch", type=int, default=None, help="--multi-gpu: per-GPU batch b (8; quick: 2)")
+    parser.add_argument("--steps", type=int, default=None, help="--multi-gpu: loss-curve steps (20; quick: 6)")
+    parser.add_argument("--multi-gpu-worker", choices=["one", "ddp", "fsdp"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--embedded-args", nargs=argparse.REMAINDER, default=[],
                         help="more run_avsr.py arguments (last on the command line)")
     args = parser.parse_args(argv)
+    if args.multi_gpu or args.multi_gpu_worker:
+        os.environ.update(NO_MULTICAST)
+        if args.multi_gpu_worker:
+            return multi_gpu_worker(args)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return multi_gpu(args)
     if args.budget is None:
         args.budget = 300.0 if args.quick else 345.0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

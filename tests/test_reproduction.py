@@ -1,0 +1,410 @@
+"""examples/reproduce_paper.py (the grid of run_avsr.py cells) and examples/reproduction.py (its tables, readings and
+figures), without training anything: the cells' result files are built here, shaped like the ones the runner writes
+(tests/data/reproduction/asr-32_base_seed0.json is a real one, from the GPU grid), with numbers whose statistics are
+worked out by hand in each test."""
+
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import reproduce_paper  # noqa: E402
+import reproduction  # noqa: E402
+from reproduce_paper import Cell  # noqa: E402
+
+REAL_RESULT = Path(__file__).parent / "data" / "reproduction" / "asr-32_base_seed0.json"
+ALL_SETTINGS = ["asr-4", "asr-16", "asr-32", "vsr-1", "vsr-5", "avsr-1-1", "avsr-4-2", "avsr-16-5"]
+METHODS = ["base", "decor-10", "decor-100", "decor-10000"]  # the paper's lambdas 10, 1e2, 1e4, written out
+
+
+# ---- result files, as reproduce_paper.run_cell writes them -----------------------------------------------------------
+
+
+def profile(sinks=0.0, by_type=None, bos=0.8, ratio=1000.0, cos_sinks=None, cos_others=0.3):
+    """A sink profile (SinkMonitorCallback's `profile`), with only the keys the report reads."""
+    return {"layers": [2, 29], "bos_sink_fraction": bos, "intermediate_positions": sinks,
+            "intermediate_by_type": by_type if by_type is not None else ({"prompt": sinks} if sinks else {}),
+            "massive": {"max_ratio": ratio, "features_bos": [507], "features_sinks": [], "features_others": []},
+            "cos_bos": {"sinks": cos_sinks, "others": cos_others}}
+
+
+def result(setting, method, seed, val_wer=0.3, val_ce=0.5, test_wer=0.3, test_ce=0.5, noisy_wer=None,
+           start=None, end=None, act=None):
+    """One cell's result.json; `start` / `end` are the sink profiles at step 0 and after training."""
+    out = {"cell": f"{setting}/{method}/seed{seed}", "setting": setting, "method": method,
+           "lambda": 0.0 if method == "base" else float(method.split("-")[1]), "seed": seed,
+           "command": "python examples/run_avsr.py ...", "device": "cpu",
+           "validation": {"wer": val_wer, "ce_loss": val_ce},
+           "test": {"clean": {"wer": test_wer, "ce_loss": test_ce}}}
+    if noisy_wer is not None:
+        out["test"]["babble 0 dB"] = {"wer": noisy_wer, "ce_loss": test_ce}
+    if start is not None:
+        out["sinks"] = {"history": [{"step": 0, "profile": start}, {"step": 450, "profile": end}],
+                        "final": {"mlp_origin": {}, "interventions": []}}
+    if act is not None:
+        out["act"] = act
+    return out
+
+
+def by_cell(*results):
+    return {r["cell"]: r for r in results}
+
+
+def report_parts(results):
+    t1_rows, t1 = reproduction.table1(results)
+    t2_rows, t2 = reproduction.table2(results, t1)
+    sink_rows, sinks = reproduction.sink_table(results)
+    reading = {claim[:3]: (v, numbers) for claim, v, numbers in reproduction.readings(results, t1, t2, sinks)}
+    return t1_rows, t1, t2_rows, sink_rows, reading
+
+
+def table_row(rows, label):
+    [row] = [r for r in rows if r.startswith(f"| {label} |")]
+    return [c.strip() for c in row.strip("|").split("|")][1:]  # the cells after the label
+
+
+# ---- the grid ------------------------------------------------------------------------------------------------------
+
+
+def test_first_pass_cells_are_seed_major_and_cover_settings_methods_seeds():
+    cells = reproduce_paper.first_pass_cells(ALL_SETTINGS)
+    names = [c.name for c in cells]
+    expected = {f"{s}/{m}/seed{k}" for s in ALL_SETTINGS for m in METHODS for k in (0, 1, 2)}
+    assert len(names) == len(set(names)) == 8 * 4 * 3
+    assert set(names) == expected
+    # Seed-major: every cell of seed k comes before any of seed k + 1 (an interrupted grid holds whole seeds).
+    seeds = [c.seed for c in cells]
+    assert seeds == sorted(seeds)
+    assert names[:32] == [f"{s}/{m}/seed0" for s in ALL_SETTINGS for m in METHODS]
+    # A subset of settings keeps the given settings only.
+    assert {c.setting for c in reproduce_paper.first_pass_cells(["vsr-5"])} == {"vsr-5"}
+
+
+def test_cell_names_parse_back_and_map_to_the_result_folder(tmp_path):
+    cell = Cell.parse("avsr-16-5/decor-100/seed2")
+    assert (cell.setting, cell.method, cell.seed) == ("avsr-16-5", "decor-100", 2)
+    assert Cell.parse(cell.name) == cell
+    assert reproduce_paper.cell_dir(tmp_path, cell) == tmp_path / "runs" / "avsr-16-5" / "decor-100" / "seed2"
+    assert reproduction.method_weight("decor-10000") == 1e4 and reproduction.method_weight("base") == 0.0
+
+
+def test_extra_cells_only_at_high_compression_and_once_lambda_is_chosen():
+    settings = ["asr-4", "asr-32", "vsr-5"]
+    assert reproduce_paper.extra_cells(settings, {}) == []
+    # Base runs alone choose no lambda: no extra cells yet.
+    base_only = by_cell(*(result(s, "base", k) for s in settings for k in (0, 1, 2)))
+    assert reproduce_paper.extra_cells(settings, base_only) == []
+    # asr-4 is low compression (never extra seeds); asr-32 picks decor-100 (the lowest validation WER); vsr-5 has no
+    # decorrelation run yet.
+    results = {**base_only, **by_cell(
+        result("asr-4", "decor-10", 0, val_wer=0.1),
+        result("asr-32", "decor-10", 0, val_wer=0.40), result("asr-32", "decor-100", 0, val_wer=0.35),
+        result("asr-32", "decor-10000", 0, val_wer=0.50))}
+    extra = reproduce_paper.extra_cells(settings, results)
+    assert sorted(c.name for c in extra) == sorted(
+        ["asr-32/base/seed3", "asr-32/base/seed4", "asr-32/decor-100/seed3", "asr-32/decor-100/seed4"])
+
+
+def _parsed(cell, lip, extra=()):
+    import run_avsr  # heavy (torch, transformers): imported by the one test that needs it
+
+    argv = reproduce_paper.run_avsr_argv(cell, Path("/tmp/o"), lip, list(extra))
+    model_args, data_args, training_args = run_avsr.parse_args(argv)
+    return argv, model_args, data_args, training_args
+
+
+def test_run_avsr_argv_gives_each_modality_its_flags_and_run_avsr_accepts_them():
+    lip = Path("/tmp/lip_encoder/final")
+    argv, m, d, t = _parsed(Cell("avsr-16-5", "decor-100", 2), lip, ["--max_steps", "5"])
+    assert (m.modality, m.audio_compression_rate, m.video_compression_rate) == ("avsr", 16, 5)
+    assert m.video_encoder == str(lip)
+    # AVSR trains with babble and is tested a second time at 0 dB babble, under the report's condition name.
+    assert (d.train_noise, d.eval_noise, d.eval_snr_db) == ("babble", "babble", 0.0)
+    assert f"{d.eval_noise} {d.eval_snr_db:g} dB" == reproduction.NOISY
+    assert (t.decorrelation_weight, t.seed, t.max_steps) == (100.0, 2, 5)
+    assert Path(t.output_dir) == Path("/tmp/o/runs/avsr-16-5/decor-100/seed2")
+    assert d.final_validation is True and m.final_save == "none"
+    assert argv[-2:] == ["--max_steps", "5"]  # the user's flags come last, so they override the grid's
+
+    argv, m, d, t = _parsed(Cell("vsr-5", "base", 0), lip)
+    assert (m.modality, m.video_compression_rate, m.video_encoder) == ("vsr", 5, str(lip))
+    assert (d.train_noise, d.eval_noise) == ("none", "none") and t.decorrelation_weight == 0.0
+
+    argv, m, d, t = _parsed(Cell("asr-32", "decor-10000", 1), None)
+    assert (m.modality, m.audio_compression_rate) == ("asr", 32)
+    assert "--video_encoder" not in argv and (d.train_noise, d.eval_noise) == ("none", "none")
+    assert t.decorrelation_weight == 1e4
+
+
+# ---- statistics ----------------------------------------------------------------------------------------------------
+
+
+def test_mean_std_is_the_sample_std_over_finite_values():
+    stat = reproduction.mean_std([0.1, 0.2, 0.6, None, float("nan")])
+    # mean 0.3; squared deviations 0.04 + 0.01 + 0.09 = 0.14 over n - 1 = 2 -> std sqrt(0.07)
+    assert stat["n"] == 3 and stat["mean"] == pytest.approx(0.3) and stat["std"] == pytest.approx(math.sqrt(0.07))
+    one = reproduction.mean_std([0.25])
+    assert one["n"] == 1 and one["mean"] == 0.25 and math.isnan(one["std"])
+    assert reproduction.mean_std([None]) is None
+
+
+def test_compare_calls_a_difference_only_beyond_twice_its_standard_error():
+    a = reproduction.mean_std([0.30, 0.32, 0.34])  # mean 0.32, std 0.02
+    b = reproduction.mean_std([0.25, 0.27, 0.29])  # mean 0.27, std 0.02
+    c = reproduction.mean_std([0.29, 0.31, 0.33])  # mean 0.31, std 0.02
+    se = math.sqrt(0.02**2 / 3 + 0.02**2 / 3)  # 0.01633: 2 SE = 0.0327
+    ab = reproduction.compare(a, b)
+    assert ab["difference"] == pytest.approx(-0.05) and ab["se"] == pytest.approx(se) and ab["separable"]
+    ac = reproduction.compare(a, c)
+    assert ac["difference"] == pytest.approx(-0.01) and not ac["separable"]
+    assert reproduction.verdict(ab) == "lower" and reproduction.verdict(reproduction.compare(b, a)) == "higher"
+    assert reproduction.verdict(ac) == "not separable from seed variance"
+    # One seed on either side: no call.
+    assert reproduction.compare(a, reproduction.mean_std([0.1])) is None
+    assert reproduction.verdict(None) == "too few seeds"
+
+
+def test_lambda_is_chosen_on_mean_validation_wer_ties_broken_by_validation_ce():
+    results = by_cell(
+        result("asr-16", "base", 0, val_wer=0.01),  # base is never a candidate, however low its WER
+        result("asr-16", "decor-10", 0, val_wer=0.20, val_ce=0.9), result("asr-16", "decor-10", 1, val_wer=0.40),
+        result("asr-16", "decor-100", 0, val_wer=0.25), result("asr-16", "decor-100", 1, val_wer=0.45),
+        result("asr-16", "decor-10000", 0, val_wer=0.31), result("asr-16", "decor-10000", 1, val_wer=0.31))
+    # means: decor-10 0.30, decor-100 0.35, decor-10000 0.31 (a single seed's 0.20 does not decide, the mean does)
+    assert reproduction.choose_lambda("asr-16", results) == "decor-10"
+    # A tie on the mean WER goes to the lower mean validation CE: decor-10's is (0.9 + 0.5) / 2 = 0.7 > 0.5.
+    results["asr-16/decor-10000/seed1"]["validation"]["wer"] = 0.29  # decor-10000 mean 0.30 too
+    assert reproduction.choose_lambda("asr-16", results) == "decor-10000"
+    assert reproduction.choose_lambda("asr-32", results) is None
+
+
+def test_lambda_choice_ignores_the_extra_seeds_of_the_chosen_lambda():
+    """Extra seeds (3, 4) are run only for the chosen lambda; counting them could flip the choice to a lambda with
+    fewer seeds, whose extra seeds were never run (and Table 1 would then compare 5 base seeds with 3)."""
+    results = by_cell(
+        *(result("vsr-5", "decor-10", k, val_wer=0.30) for k in (0, 1, 2)),
+        *(result("vsr-5", "decor-100", k, val_wer=0.31) for k in (0, 1, 2)))
+    assert reproduction.choose_lambda("vsr-5", results) == "decor-10"
+    results.update(by_cell(*(result("vsr-5", "decor-10", k, val_wer=0.40) for k in (3, 4))))
+    assert reproduction.choose_lambda("vsr-5", results) == "decor-10"
+    assert {c.method for c in reproduce_paper.extra_cells(["vsr-5"], results)} == {"base", "decor-10"}
+
+
+# ---- tables and readings -------------------------------------------------------------------------------------------
+
+
+def wer_grid(high_decor, low_decor=(0.11, 0.13, 0.15)):
+    """asr-32 (high compression): base test WER 0.30/0.32/0.34; asr-4 (low): base 0.10/0.12/0.14; asr-16: one seed."""
+    cells = []
+    for k in (0, 1, 2):
+        cells += [result("asr-32", "base", k, test_wer=(0.30, 0.32, 0.34)[k]),
+                  result("asr-32", "decor-10", k, val_wer=0.2, test_wer=high_decor[k]),
+                  result("asr-32", "decor-100", k, val_wer=0.4),
+                  result("asr-4", "base", k, test_wer=(0.10, 0.12, 0.14)[k]),
+                  result("asr-4", "decor-100", k, val_wer=0.1, test_wer=low_decor[k])]
+    cells += [result("asr-16", "base", 0, test_wer=0.2), result("asr-16", "decor-10", 0, val_wer=0.2, test_wer=0.1)]
+    return by_cell(*cells)
+
+
+def test_table1_reads_lower_not_separable_and_too_few_seeds_with_the_numbers():
+    rows, t1, _, _, reading = report_parts(wer_grid(high_decor=(0.25, 0.27, 0.29)))
+    # asr-32: 32.00 -> 27.00, difference -5.00, 2 SE = 200 * sqrt(2 * 0.02^2 / 3) = 3.27: lower.
+    assert table_row(rows, "ASR (32)")[:5] == ["32.00 ± 2.00 (n=3)", "decor-10", "27.00 ± 2.00 (n=3)",
+                                              "-5.00 ± 3.27", "lower"]
+    # asr-4: 12.00 -> 13.00, +1.00 within 3.27: not separable.
+    assert table_row(rows, "ASR (4)")[1:5] == ["decor-100", "13.00 ± 2.00 (n=3)", "+1.00 ± 3.27",
+                                               "not separable from seed variance"]
+    # asr-16: one seed each.
+    assert table_row(rows, "ASR (16)")[3:5] == ["-", "too few seeds"]
+    assert t1[("asr-32", "clean")]["compare"]["difference"] == pytest.approx(-0.05)
+    # (g): the one high-compression setting with seeds enough is lower, the low one neutral.
+    assert reading["(g)"][0] == "holds"
+
+
+@pytest.mark.parametrize("high_decor, expected", [
+    ((0.29, 0.31, 0.33), "not separable from seed variance"),  # -1.00 within 3.27
+    ((0.36, 0.38, 0.40), "does not hold"),  # +6.00: worse at high compression
+])
+def test_reading_g_when_decorrelation_does_not_help(high_decor, expected):
+    assert report_parts(wer_grid(high_decor))[4]["(g)"][0] == expected
+
+
+def test_reading_g_says_too_few_seeds_with_one_seed_per_setting():
+    results = by_cell(result("asr-32", "base", 0), result("asr-32", "decor-10", 0, test_wer=0.1))
+    assert report_parts(results)[4]["(g)"][0] == "too few seeds"
+
+
+def test_avsr_rows_have_a_clean_and_a_babble_condition():
+    results = by_cell(*(r for k in (0, 1) for r in (
+        result("avsr-16-5", "base", k, test_wer=0.10, noisy_wer=(0.40, 0.50)[k]),
+        result("avsr-16-5", "decor-10", k, test_wer=0.10, noisy_wer=(0.30, 0.40)[k]))))
+    rows, t1, *_ = report_parts(results)
+    assert set(t1) == {("avsr-16-5", "clean"), ("avsr-16-5", "babble 0 dB")}
+    # babble: 45.00 ± 7.07 -> 35.00 ± 7.07, -10.00 with 2 SE = 200 * sqrt(2 * 0.005 / 2) = 14.14: not separable.
+    assert table_row(rows, "AVSR (16,5), babble 0 dB")[:5] == ["45.00 ± 7.07 (n=2)", "decor-10", "35.00 ± 7.07 (n=2)",
+                                                               "-10.00 ± 14.14", "not separable from seed variance"]
+
+
+def sink_grid(end_by_type, seeds=(0, 1, 2), decor_end=(0.1, 0.2, 0.3), decor_ratio=(100.0, 110.0, 120.0)):
+    """asr-32 base runs whose intermediate sinks go 0 -> 1.0/1.25/1.5 (mean 1.25, std 0.25), massive ratio
+    1000/1100/1200; decor-10 runs at `decor_end` sinks and `decor_ratio`."""
+    cells = []
+    for k in seeds:
+        end = (1.0, 1.25, 1.5)[k]
+        cells.append(result("asr-32", "base", k, start=profile(0.0, bos=0.6),
+                            end=profile(end, by_type={t: end * share for t, share in end_by_type.items()},
+                                        ratio=(1000.0, 1100.0, 1200.0)[k], cos_sinks=0.95, cos_others=0.3)))
+        cells.append(result("asr-32", "decor-10", k, val_wer=0.2, start=profile(0.0, bos=0.6),
+                            end=profile(decor_end[k], ratio=decor_ratio[k])))
+    return by_cell(*cells)
+
+
+def test_sink_readings_hold_when_sinks_emerge_on_low_semantic_tokens_and_decorrelation_removes_them():
+    _, _, _, sink_rows, reading = report_parts(sink_grid({"BOS": 0.5, "prompt": 0.25, "transcript": 0.25}))
+    assert reading["(a)"][0] == "holds"  # BOS sink in 60 % of the layers at step 0 (> 30 %)
+    assert "60 ± 0 % of layers" in reading["(a)"][1] and "all 6 runs" in reading["(a)"][1]
+    # (b): change 1.25 > 2 * 0.25 / sqrt(3) = 0.29; 75 % of the sinks on BOS-like / prompt tokens.
+    assert reading["(b)"][0] == "holds" and "75 ± 0 %" in reading["(b)"][1]
+    assert reading["(d)"][0] == "holds"  # cos 0.95 to BOS for sinks, 0.3 for the others
+    # (f): sinks 1.25 -> 0.20, -1.05 beyond 2 * sqrt(0.25^2 / 3 + 0.1^2 / 3) = 0.31; ratio 1100 -> 110.
+    assert reading["(f)"][0] == "holds"
+    assert "sinks 1.25 ± 0.25 -> 0.20 ± 0.10 (lower), max ratio 1100 ± 100 -> 110 ± 10 (lower)" in reading["(f)"][1]
+    assert reading["(e)"][0] == "eq. 8: not measured; eq. 9: not measured"
+    assert table_row(sink_rows, "ASR (32) | base")[1:6] == ["0.00 ± 0.00 -> 1.25 ± 0.25 (n=3)", "75 ± 0 %",
+                                                    "80 ± 0 %", "1100 ± 100", "0.95 ± 0.00 / 0.30 ± 0.00"]
+
+
+def test_reading_b_does_not_hold_when_the_new_sinks_are_on_transcript_tokens():
+    """The sinks clearly emerge (1.25 beyond 2 SE) but none on a low-semantic token: the claim fails on its second
+    half, which is not a matter of seed variance."""
+    reading = report_parts(sink_grid({"transcript": 1.0}))[4]
+    assert reading["(b)"][0] == "does not hold" and "; 0 ± 0 %" in reading["(b)"][1]
+
+
+def test_reading_f_says_too_few_seeds_with_one_seed():
+    reading = report_parts(sink_grid({"BOS": 1.0}, seeds=(0,)))[4]
+    assert reading["(f)"][0] == "too few seeds"
+    assert "(too few seeds)" in reading["(f)"][1]
+
+
+@pytest.mark.parametrize("decor_end, decor_ratio, expected", [
+    ((1.0, 1.25, 1.5), (1000.0, 1100.0, 1200.0), "not separable from seed variance"),  # the same as base
+    ((2.0, 2.25, 2.5), (1000.0, 1100.0, 1200.0), "does not hold"),  # +1.00 sinks beyond 2 SE = 0.41, ratio the same
+    ((0.1, 0.2, 0.3), (1000.0, 1100.0, 1200.0), "partly: fewer sinks in 1 of 1 settings, lower ratio in 0"),
+])
+def test_reading_f_when_decorrelation_does_not_remove_sinks(decor_end, decor_ratio, expected):
+    assert report_parts(sink_grid({"BOS": 1.0}, decor_end=decor_end, decor_ratio=decor_ratio))[4]["(f)"][0] == expected
+
+
+def act_block(wer, ratio=1000.0, heads=3):
+    return {"search": {"heads": [[2, h] for h in range(heads)]}, "test": {"clean": {"wer": wer}},
+            "sinks": {"profile": {"massive": {"max_ratio": ratio}}}}
+
+
+def act_grid(act_wers, decor_wers, seeds=(0, 1, 2)):
+    cells = []
+    for k in seeds:
+        cells.append(result("asr-32", "base", k, test_wer=0.30, start=profile(0.0), end=profile(1.0, ratio=1000.0),
+                            act=act_block(act_wers[k])))
+        cells.append(result("asr-32", "decor-10", k, val_wer=0.2, test_wer=decor_wers[k]))
+    return by_cell(*cells)
+
+
+def test_table2_and_reading_h_hold_when_decorrelation_is_separably_below_act():
+    # ACT 0.28/0.29/0.30 (mean 0.29, std 0.01), decorrelation 0.24/0.25/0.26 (0.25, 0.01): 4.00 beyond 1.63.
+    _, _, t2_rows, _, reading = report_parts(act_grid((0.28, 0.29, 0.30), (0.24, 0.25, 0.26)))
+    assert table_row(t2_rows, "ASR (32)")[:5] == ["30.00 ± 0.00 (n=3)", "29.00 ± 1.00 (n=3)", "25.00 ± 1.00 (n=3)",
+                                                 "-1.00 ± 1.15", "1000 ± 0 / 1000 ± 0"]
+    assert reading["(h)"][0] == "holds"
+
+
+@pytest.mark.parametrize("act_wers, decor_wers, seeds, expected", [
+    ((0.28, 0.29, 0.30), (0.27, 0.28, 0.29), (0, 1, 2), "not separable from seed variance"),  # -1.00 within 1.63
+    ((0.20, 0.21, 0.22), (0.24, 0.25, 0.26), (0, 1, 2), "does not hold"),  # ACT separably below decorrelation
+    ((0.40,), (0.20,), (0,), "too few seeds"),  # one seed: no call, however large the gap
+])
+def test_reading_h_calls_act_against_decorrelation_only_beyond_two_standard_errors(act_wers, decor_wers, seeds,
+                                                                                   expected):
+    assert report_parts(act_grid(act_wers, decor_wers, seeds))[4]["(h)"][0] == expected
+
+
+# ---- the whole report, from result files ---------------------------------------------------------------------------
+
+
+def real_copies():
+    """Three seeds of asr-32 base and decor-10 made from the real result file, with test WERs set here."""
+    real = json.loads(REAL_RESULT.read_text())
+    out = []
+    for method, wers in (("base", (0.30, 0.32, 0.34)), ("decor-10", (0.25, 0.27, 0.29))):
+        for k, wer in enumerate(wers):
+            r = copy.deepcopy(real)
+            r.update(cell=f"asr-32/{method}/seed{k}", method=method, seed=k)
+            r["lambda"] = 0.0 if method == "base" else 10.0
+            r["test"]["clean"]["wer"] = wer
+            if method != "base":
+                r.pop("act")
+            out.append(r)
+    return out
+
+
+def test_write_report_on_a_folder_of_result_files(tmp_path):
+    cells = real_copies()
+    for r in cells:
+        folder = tmp_path / "runs" / r["setting"] / r["method"] / f"seed{r['seed']}"
+        folder.mkdir(parents=True)
+        (folder / "result.json").write_text(json.dumps(r))
+    (tmp_path / "runs" / "asr-32" / "decor-100" / "seed0").mkdir(parents=True)  # a failed cell: no result file
+    (tmp_path / "runs" / "asr-32" / "decor-100" / "seed0" / "error.json").write_text('{"cell": "x", "error": "y"}')
+
+    results = reproduction.load_results(tmp_path)
+    assert sorted(results) == sorted(r["cell"] for r in cells)
+    tables = reproduction.write_report(results, tmp_path / "report")
+    text = tables.read_text()
+    assert tables == tmp_path / "report" / "tables.md"
+    assert text.startswith("6 runs finished (NVIDIA H200).")
+    assert "| ASR (32) | 32.00 ± 2.00 (n=3) | decor-10 | 27.00 ± 2.00 (n=3) | -5.00 ± 3.27 | lower |" in text
+    # Table 2 from the real ACT block: 0.19099 on every copy; base max ratio from the last history entry.
+    real = json.loads(REAL_RESULT.read_text())
+    act = 100 * real["act"]["test"]["clean"]["wer"]
+    ratio = real["sinks"]["history"][-1]["profile"]["massive"]["max_ratio"]
+    assert f"| ASR (32) | 32.00 ± 2.00 (n=3) | {act:.2f} ± 0.00 (n=3) | 27.00 ± 2.00 (n=3) |" in text
+    assert f"| {ratio:.0f} ± 0 / {real['act']['sinks']['profile']['massive']['max_ratio']:.0f} ± 0 |" in text
+    assert text.count("- **(") == 8  # the readings (a)-(h)
+    grid = json.loads((tmp_path / "report" / "grid.json").read_text())
+    row = grid["table1"]["asr-32|clean"]
+    assert row["base"]["mean"] == pytest.approx(0.32) and row["decor"]["mean"] == pytest.approx(0.27)
+    assert row["base"]["n"] == row["decor"]["n"] == 3 and row["lambda"] == "decor-10"
+    for name in ("table1.png", "emergence.png"):
+        assert (tmp_path / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Figures: table1.png, emergence.png" in text
+
+
+# ---- running cells -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_cells_after_the_deadline_starts_no_cell(tmp_path, workers, caplog):
+    # A flag run_avsr rejects: should a cell start, it fails at once (instead of training) and the test sees it.
+    cells = [Cell("asr-4", "base", 0), Cell("asr-32", "base", 0)]
+    start = time.perf_counter()
+    with caplog.at_level("WARNING", logger="reproduce_paper"):
+        reproduce_paper.run_cells(cells, tmp_path, None, ["--not_a_run_avsr_flag"], workers=workers, force=False,
+                                  deadline=time.time() - 1)
+    assert time.perf_counter() - start < 10
+    assert not (tmp_path / "runs").exists()
+    assert "time budget spent: 2 cells left for a rerun" in caplog.text
+
+
+def test_run_cells_skips_cells_that_have_a_result_file(tmp_path):
+    cell = Cell("asr-4", "base", 0)
+    reproduce_paper.write_json_atomic(reproduce_paper.cell_dir(tmp_path, cell) / "result.json", {"cell": cell.name})
+    reproduce_paper.run_cells([cell], tmp_path, None, ["--not_a_run_avsr_flag"], workers=1, force=False,
+                              deadline=None)
+    assert sorted(p.name for p in reproduce_paper.cell_dir(tmp_path, cell).iterdir()) == ["result.json"]

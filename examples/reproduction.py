@@ -68,7 +68,15 @@ def method_weight(method: str) -> float:
 
 
 def load_results(out: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/*/result.json"))}
+    results = {}
+    for path in sorted(out.glob("runs/*/*/*/result.json")):
+        try:
+            result = json.loads(path.read_text())
+            results[result["cell"]] = result
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{path}: not a result file of reproduce_paper.py ({error}); delete it to rerun the "
+                             f"cell") from error
+    return results
 
 
 def mean_std(values):
@@ -328,7 +336,9 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
     mlp_hits, gate_hits = _share(mlp), _share(gate)
     if jaccard is None:
         verdict_c = "not observed: no intermediate sink carried a massive activation"
-    elif jaccard["mean"] > 0.5 and mlp_hits[1] and mlp_hits[0] > mlp_hits[1] / 2:
+    elif not mlp_hits[1]:
+        verdict_c = "not measured: no run traced a massive feature to its layer"
+    elif jaccard["mean"] > 0.5 and mlp_hits[0] > mlp_hits[1] / 2:
         verdict_c = "holds"
     else:
         verdict_c = "does not hold"
@@ -411,10 +421,15 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
                  "holds" if len(better) == len(high) and len(neutral) == len(low_rates) else
                  "not separable from seed variance" if high and not better and not worse else
                  "does not hold" if worse or (high and not better) else "partly"),
-                f"high compression ({', '.join(SETTINGS[n].label for n, _ in high)}): lower in "
-                f"{len(better)} of {len(high)} ({', '.join(SETTINGS[n].label for n in better) or 'none'}); "
-                f"low compression: not separable in {len(neutral)} of {len(low_rates)}; higher anywhere: "
-                f"{', '.join(SETTINGS[n].label for n in worse) or 'none'}"))
+                (f"high compression ({', '.join(SETTINGS[n].label for n, _ in high)}): lower in "
+                 f"{len(better)} of {len(high)} ({', '.join(SETTINGS[n].label for n in better) or 'none'}); "
+                 f"low compression: not separable in {len(neutral)} of {len(low_rates)}; higher anywhere: "
+                 f"{', '.join(SETTINGS[n].label for n in worse) or 'none'}") if high or low_rates else
+                "no setting has two or more seeds of both; the single runs, base -> decorrelation: " + "; ".join(
+                    f"{SETTINGS[n].label} {100 * row['base']['mean']:.2f} -> {100 * row['decor']['mean']:.2f} % "
+                    f"(n={row['base']['n']}, {row['decor']['n']})"
+                    for (n, condition), row in t1.items()
+                    if condition == "clean" and row["base"] and row["decor"])))
 
     # (h) ACT gains less than decorrelation and leaves massive activations in place.
     parts, gains_less, massive_kept = [], [], []
@@ -491,9 +506,11 @@ def plot_table1(t1, path: Path):
     xs = range(len(keys))
     for offset, field, color in ((-0.2, "base", "tab:red"), (0.2, "decor", "tab:blue")):
         means = [100 * t1[k][field]["mean"] for k in keys]
-        errs = [100 * t1[k][field]["std"] if math.isfinite(t1[k][field]["std"]) else 0 for k in keys]
-        ax.bar([x + offset for x in xs], means, 0.4, yerr=errs, color=color, capsize=2,
-               label="base" if field == "base" else "decorrelation (λ*)")
+        # No error bar where one seed gives no spread (a zero-width bar would claim none).
+        errs = [100 * t1[k][field]["std"] if math.isfinite(t1[k][field]["std"]) else math.nan for k in keys]
+        bars = ax.bar([x + offset for x in xs], means, 0.4, yerr=errs, color=color, capsize=2,
+                      label="base" if field == "base" else "decorrelation (λ*)")
+        ax.bar_label(bars, [f"n={t1[k][field]['n']}" for k in keys], fontsize=6)
     ax.set_xticks(list(xs), [SETTINGS[n].label + ("" if c == "clean" else "\n0 dB") for n, c in keys], fontsize=7)
     ax.set_ylabel("test WER % (mean ± std)")
     ax.legend(fontsize=8)

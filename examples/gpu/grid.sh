@@ -13,6 +13,9 @@ HOURS=${2:?usage: grid.sh OUT HOURS [ASR_WORKERS VIDEO_WORKERS]}
 ASR_WORKERS=${3:-4}
 VIDEO_WORKERS=${4:-4}
 CORPUS=${CORPUS:-/tmp/corpus}
+# Nine runs on 16 cores: with torch's default of one thread per core each, the host's load reached 36 and the runs
+# were bound by it (2026-12-01); two threads per run leave the cores to the launches and the data loaders.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 

@@ -408,3 +408,18 @@ def test_run_cells_skips_cells_that_have_a_result_file(tmp_path):
     reproduce_paper.run_cells([cell], tmp_path, None, ["--not_a_run_avsr_flag"], workers=1, force=False,
                               deadline=None)
     assert sorted(p.name for p in reproduce_paper.cell_dir(tmp_path, cell).iterdir()) == ["result.json"]
+
+
+def test_reading_g_with_single_runs_lists_them():
+    results = by_cell(result("asr-32", "base", 0, test_wer=0.20), result("asr-32", "decor-10", 0, test_wer=0.30))
+    verdict, detail = report_parts(results)[4]["(g)"]
+    assert verdict == "too few seeds"
+    assert "ASR (32) 20.00 -> 30.00 % (n=1, 1)" in detail
+
+
+def test_a_broken_result_file_is_named(tmp_path):
+    path = tmp_path / "runs" / "asr-32" / "base" / "seed0" / "result.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"cell": ')
+    with pytest.raises(ValueError, match="asr-32/base/seed0/result.json"):
+        reproduction.load_results(tmp_path)

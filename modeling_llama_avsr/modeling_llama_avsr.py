@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
@@ -48,23 +49,38 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
 
 
 class LlamaAVSRWhisperEncoder(WhisperEncoder):
-    """Whisper's encoder on any log-mel window up to 30 s.
+    """Whisper's encoder on any log-mel window up to 30 s, with the padded frames masked.
 
     Whisper was pretrained on 30-s windows and transformers' encoder refuses anything else. The processor's default
-    (`audio_window="full"`) keeps that. With `audio_window="trimmed"` it pads only to the batch's longest clip, and
-    this forward runs the same layers on that shorter window: the real frames see less trailing silence, and a
-    3-s clip costs about a tenth of the full window. Parameter names are Whisper's, so checkpoints are unchanged."""
+    (`audio_window="full"`) keeps that window; `audio_window="trimmed"` pads only to the batch's longest clip, which
+    costs about a tenth of it on 3-s clips. Parameter names are Whisper's, so checkpoints are unchanged.
 
-    def forward(self, input_features: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
+    Given the (B, F) mel-frame mask, a clip's output does not depend on how far it was padded, so neither on its
+    batch partners nor on the window (as transformers' Qwen2-Audio masks its Whisper encoder): the padded mel
+    frames are zeroed, so the convolutions at a clip's end see the zeros they would see at the end of a clip's own
+    window, and self-attention never attends a padded frame. Without the mask, every frame is attended."""
+
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutput:
         window = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] > window:
             raise ValueError(f"Whisper takes at most {window} log-mel frames (30 s), got {input_features.shape[-1]}")
+        if attention_mask is not None:
+            input_features = input_features * attention_mask[:, None, :].to(input_features.dtype)
         hidden = nn.functional.gelu(self.conv1(input_features))
         hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
         hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        frame_mask = None
+        if attention_mask is not None:
+            real = whisper_encoder_length(attention_mask.sum(-1))
+            frames = torch.arange(hidden.shape[1], device=hidden.device) < real[:, None]
+            # No skip when nothing is padded: deciding that would read the mask on the host (a synchronisation).
+            frame_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=frames, allow_is_bidirectional_skip=False
+            )
         for layer in self.layers:  # no layerdrop: the encoder is frozen (and Whisper's layerdrop is 0)
-            hidden = layer(hidden, None)
+            hidden = layer(hidden, frame_mask)
         return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
 
 
@@ -165,7 +181,9 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
     def get_audio_features(self, input_features: torch.FloatTensor, feature_attention_mask: torch.Tensor | None):
         """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d_llm) tokens and their (B, n) mask."""
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
-        frames = self._encode(self.audio_encoder, input_features=input_features.to(encoder_dtype))
+        frames = self._encode(
+            self.audio_encoder, input_features=input_features.to(encoder_dtype), attention_mask=feature_attention_mask
+        )
         if feature_attention_mask is None:
             real = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
         else:

@@ -34,6 +34,9 @@ class LlamaAVSRProcessor(ProcessorMixin):
             does) or only to the batch's longest clip (much faster; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
+        training_clip_seconds (`[shortest, longest]`, *optional*): the durations of the clips the model was trained
+            on, recorded by `examples/run_avsr.py`; the pipeline cuts long recordings into pieces of at most the
+            longest.
     """
 
     def __init__(
@@ -49,8 +52,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
         video_std: float = 0.165,
         audio_window: str = "full",
         normalize_waveform: bool = False,
+        training_clip_seconds: list[float] | None = None,
         **kwargs,
     ):
+        if training_clip_seconds is not None:
+            training_clip_seconds = [float(x) for x in training_clip_seconds]
+            if len(training_clip_seconds) != 2 or not 0 < training_clip_seconds[0] <= training_clip_seconds[1]:
+                raise ValueError(f"training_clip_seconds must be [shortest, longest] seconds, got {training_clip_seconds}")
+        self.training_clip_seconds = training_clip_seconds
         if audio_window not in ("full", "trimmed"):
             raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
         self.audio_window = audio_window

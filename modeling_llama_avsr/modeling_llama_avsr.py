@@ -49,30 +49,32 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
 
 
 class LlamaAVSRWhisperEncoder(WhisperEncoder):
-    """Whisper's encoder on any log-mel window up to 30 s, with the padded frames masked.
+    """Whisper's encoder on any log-mel window up to 30 s; shorter windows have their padded frames masked.
 
     Whisper was pretrained on 30-s windows and transformers' encoder refuses anything else. The processor's default
-    (`audio_window="full"`) keeps that window; `audio_window="trimmed"` pads only to the batch's longest clip, which
-    costs about a tenth of it on 3-s clips. Parameter names are Whisper's, so checkpoints are unchanged.
-
-    Given the (B, F) mel-frame mask, a clip's output does not depend on how far it was padded, so neither on its
-    batch partners nor on the window (as transformers' Qwen2-Audio masks its Whisper encoder): the padded mel
-    frames are zeroed, so the convolutions at a clip's end see the zeros they would see at the end of a clip's own
-    window, and self-attention never attends a padded frame. Without the mask, every frame is attended."""
+    (`audio_window="full"`) keeps that window, and there the encoder runs exactly as pretrained (and as the reference
+    code runs it): every frame, padding included, is attended; every clip has the same window, so the batch does not
+    matter. `audio_window="trimmed"` pads only to the batch's longest clip (about a tenth of the work on 3-s clips);
+    then, given the (B, F) mel-frame mask, a clip's output must not depend on how far it was padded, so neither on
+    its batch partners (as transformers' Qwen2-Audio masks its Whisper encoder): the padded mel frames are zeroed, so
+    the convolutions at a clip's end see the zeros they would see at the end of the clip's own window, and
+    self-attention never attends a padded frame. The processor never trims to the full 3000 frames, so the two
+    cases cannot be confused. Parameter names are Whisper's, so checkpoints are unchanged."""
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **kwargs) -> BaseModelOutput:
         window = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] > window:
             raise ValueError(f"Whisper takes at most {window} log-mel frames (30 s), got {input_features.shape[-1]}")
-        if attention_mask is not None:
+        masked = attention_mask is not None and input_features.shape[-1] < window  # a shape, not a value: no sync
+        if masked:
             input_features = input_features * attention_mask[:, None, :].to(input_features.dtype)
         hidden = nn.functional.gelu(self.conv1(input_features))
         hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
         hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
         frame_mask = None
-        if attention_mask is not None:
+        if masked:
             real = whisper_encoder_length(attention_mask.sum(-1))
             frames = torch.arange(hidden.shape[1], device=hidden.device) < real[:, None]
             # No skip when nothing is padded: deciding that would read the mask on the host (a synchronisation).

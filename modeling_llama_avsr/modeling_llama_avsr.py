@@ -22,7 +22,13 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_avhubert import AVHubertConfig
-from .configuration_llama_avsr import LlamaAVSRConfig, compressed_length, resolve_component, whisper_encoder_length
+from .configuration_llama_avsr import (
+    LlamaAVSRConfig,
+    compressed_length,
+    resolve_component,
+    whisper_encoder_length,
+    whisper_trimmed_frames,
+)
 from .modeling_avhubert import AVHubertModel
 from .tokenization_llama_avsr import load_component_tokenizer
 
@@ -49,16 +55,17 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str):
 
 
 class LlamaAVSRWhisperEncoder(WhisperEncoder):
-    """Whisper's encoder on any log-mel window up to 30 s; shorter windows have their padded frames masked.
+    """Whisper's encoder on any log-mel window up to 30 s; in a shorter one, each clip sees only its own window.
 
     Whisper was pretrained on 30-s windows and transformers' encoder refuses anything else. The processor's default
     (`audio_window="full"`) keeps that window, and there the encoder runs exactly as pretrained (and as the reference
     code runs it): every frame, padding included, is attended; every clip has the same window, so the batch does not
-    matter. `audio_window="trimmed"` pads only to the batch's longest clip (about a tenth of the work on 3-s clips);
-    then, given the (B, F) mel-frame mask, a clip's output must not depend on how far it was padded, so neither on
-    its batch partners (as transformers' Qwen2-Audio masks its Whisper encoder): the padded mel frames are zeroed, so
-    the convolutions at a clip's end see the zeros they would see at the end of the clip's own window, and
-    self-attention never attends a padded frame. The processor never trims to the full 3000 frames, so the two
+    matter. `audio_window="trimmed"` pads only as far as the batch's longest clip needs (about a tenth of the work on
+    3-s clips). There, given the (B, F) mask of real mel frames, each clip is encoded on its own window
+    (`whisper_trimmed_frames`: its frames and 0.5 s of the silence after them), whatever else is in the batch, as
+    transformers' Qwen2-Audio masks its Whisper encoder: mel frames beyond that window are zeroed, so the
+    convolutions see the zeros they see at the end of the clip's window alone, and self-attention never attends an
+    encoder frame whose convolutions reach beyond it. The processor never trims to the full 3000 frames, so the two
     cases cannot be confused. Parameter names are Whisper's, so checkpoints are unchanged."""
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -68,15 +75,17 @@ class LlamaAVSRWhisperEncoder(WhisperEncoder):
             raise ValueError(f"Whisper takes at most {window} log-mel frames (30 s), got {input_features.shape[-1]}")
         masked = attention_mask is not None and input_features.shape[-1] < window  # a shape, not a value: no sync
         if masked:
-            input_features = input_features * attention_mask[:, None, :].to(input_features.dtype)
+            own = whisper_trimmed_frames(attention_mask.sum(-1))  # (B,) mel frames of each clip's own window
+            mel_frames = torch.arange(input_features.shape[-1], device=own.device)
+            input_features = input_features * (mel_frames < own[:, None]).to(input_features.dtype)[:, None, :]
         hidden = nn.functional.gelu(self.conv1(input_features))
         hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
         hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
         frame_mask = None
         if masked:
-            real = whisper_encoder_length(attention_mask.sum(-1))
-            frames = torch.arange(hidden.shape[1], device=hidden.device) < real[:, None]
+            # Encoder frame j reads mel frames up to 2j + 2: within the clip's window for j < own // 2.
+            frames = torch.arange(hidden.shape[1], device=hidden.device) < (own // 2)[:, None]
             # No skip when nothing is padded: deciding that would read the mask on the host (a synchronisation).
             frame_mask = create_bidirectional_mask(
                 config=self.config, inputs_embeds=hidden, attention_mask=frames, allow_is_bidirectional_skip=False

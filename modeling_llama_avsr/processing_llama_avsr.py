@@ -20,6 +20,7 @@ from .configuration_llama_avsr import (
     compressed_length,
     resolve_component,
     whisper_encoder_length,
+    whisper_trimmed_frames,
 )
 from .tokenization_llama_avsr import load_component_tokenizer, prepare_tokenizer
 
@@ -86,8 +87,8 @@ class LlamaAVSRProcessor(ProcessorMixin):
             model's config; they decide the sequence layout and must match the model.
         video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
         audio_window (`"full" | "trimmed"`): pad log-mel to Whisper's 30-s window (as pretrained, and as the reference
-            does) or only to the batch's longest clip, at most 29.99 s (much faster; the encoder then masks the
-            padding, so a clip's features do not depend on its batch; see `LlamaAVSRWhisperEncoder`).
+            does) or only as far as the batch's longest clip needs (much faster; the encoder then masks what
+            each clip does not need, so its features do not depend on its batch; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
         training_clip_seconds (`[shortest, longest]`, *optional*): the durations of the clips the model was trained
@@ -169,11 +170,11 @@ class LlamaAVSRProcessor(ProcessorMixin):
             clips.append(clip)
         window = int(MAX_AUDIO_SECONDS * SAMPLING_RATE)
         if self.audio_window == "trimmed":
-            # One hop beyond the longest clip: the extractor drops the last STFT frame, which must be padding. At
-            # most one hop short of 30 s, which the encoder takes as the full window, attended unmasked (so the
-            # last 10 ms of a clip of 29.99 s or more are not heard).
+            # Long enough for every clip's own encoding window (whisper_trimmed_frames): its frames, one more (the
+            # extractor drops the last STFT frame, which must be padding) and 0.5 s of silence. Never the full
+            # 3000 frames, so the last 20 ms of a clip of 29.98 s or more are not heard.
             hop = self.feature_extractor.hop_length
-            window = min(window - hop, (max(len(c) for c in clips) + hop - 1) // hop * hop + hop)
+            window = whisper_trimmed_frames(-(-max(len(c) for c in clips) // hop)) * hop
         features = self.feature_extractor(
             clips,
             sampling_rate=SAMPLING_RATE,

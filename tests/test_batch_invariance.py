@@ -77,12 +77,12 @@ def test_full_window_runs_whisper_as_pretrained():
 
 
 def test_a_30_s_clip_does_not_switch_its_trimmed_batch_to_the_full_window():
-    # Trimmed batches stop one hop short of 3000 log-mel frames, which the encoder would take as the full window.
+    # Trimmed batches stop short of 3000 log-mel frames, which the encoder would take as the full window.
     model, processor = build("asr", "trimmed")
     audio = [noise for noise in (0.1 * np.random.default_rng(3).standard_normal((2, 30 * 16000))).astype(np.float32)]
     audio[1] = audio[1][:16000]
     batch = processor(audio=audio)
-    assert batch["input_features"].shape[-1] == 2999 and batch["feature_attention_mask"][0].sum() == 2999
+    assert batch["input_features"].shape[-1] == 2998 and batch["feature_attention_mask"][0].sum() == 2998
     alone = processor(audio=[audio[1]])
     with torch.no_grad():
         features, mask = model.get_audio_features(batch["input_features"], batch["feature_attention_mask"])
@@ -125,7 +125,7 @@ def test_real_whisper_features_do_not_depend_on_the_batch(offline_cache_dir):
     pytest.importorskip("espeakng_loader")
     from transformers import WhisperFeatureExtractor, WhisperModel
 
-    from modeling_llama_avsr.configuration_llama_avsr import resolve_component
+    from modeling_llama_avsr.configuration_llama_avsr import resolve_component, whisper_trimmed_frames
     from modeling_llama_avsr.data.tts import synthesize
     from modeling_llama_avsr.modeling_llama_avsr import LlamaAVSRWhisperEncoder
 
@@ -137,7 +137,7 @@ def test_real_whisper_features_do_not_depend_on_the_batch(offline_cache_dir):
     speech = [synthesize(text).audio for text in ("bin blue at f two now", "a green boat", "set red by g nine soon")]
 
     def encode(audio):
-        window = (max(len(a) for a in audio) + 159) // 160 * 160 + 160  # the processor's trimmed window
+        window = whisper_trimmed_frames(-(-max(len(a) for a in audio) // 160)) * 160  # the processor's trimmed window
         features = extractor(audio, sampling_rate=16000, return_attention_mask=True, padding="max_length",
                              max_length=window, return_tensors="pt")
         with torch.no_grad():

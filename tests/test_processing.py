@@ -102,7 +102,8 @@ def test_trimmed_window_keeps_real_frames_and_token_counts():
     trimmed.audio_window = "trimmed"
     clips = [a for a, _ in random_clips(2, seconds=(0.5, 1.5))]
     a, b = full(audio=clips), trimmed(audio=clips)
-    assert b["input_features"].shape[-1] == -(-max(len(c) for c in clips) // 160) + 1
+    # The longest clip's frames, the extractor's one beyond them, and 0.5 s of silence.
+    assert b["input_features"].shape[-1] == -(-max(len(c) for c in clips) // 160) + 1 + 50
     for i, clip in enumerate(clips):
         frames = int(b["feature_attention_mask"][i].sum())
         assert frames == int(a["feature_attention_mask"][i].sum())

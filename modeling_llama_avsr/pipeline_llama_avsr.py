@@ -17,16 +17,19 @@ What an input may be, depending on the model's modality (ASR needs audio, VSR vi
 
 Long inputs. The model was trained on short utterances (and Whisper sees at most 30 s), so an input longer than
 `chunk_length_s` is cut into pieces, each transcribed on its own, and the texts are joined. By default
-`chunk_length_s` is the longest clip the model was trained on (`processor.training_clip_seconds`, recorded by
-examples/run_avsr.py), or DEFAULT_CHUNK_SECONDS (10 s) when the processor records none. Cuts fall on video-frame
-boundaries (40 ms), so audio and video are cut at the same instant. With audio, each cut goes where the 160 ms around
-it are quietest within the last `boundary_search_s` seconds (default 5 s, at most half a chunk) before the limit, so
-cuts fall in pauses rather than inside words; video-only input is cut at fixed intervals. `stride_length_s` (s or
-(left, right)) extends every piece by that much audio/video on each side, and the overlapping texts are merged where
-their words agree (left half of the overlap from the earlier piece, right half from the later). A piece longer than
-LONG_CHUNK_FACTOR (1.5) times the longest training clip is transcribed with a warning: expect lost or invented words.
-An input no longer than `chunk_length_s` is never cut, so short clips give exactly what `model.generate` gives on
-the processor's output.
+`chunk_length_s` is the longest clip the model was trained on plus 0.5 s for the pauses around it
+(`processor.training_clip_seconds`, recorded by examples/run_avsr.py), or DEFAULT_CHUNK_SECONDS (10 s) when the
+processor records none. Cuts fall on video-frame boundaries (40 ms), so audio and video are cut at the same
+instant. With audio, a piece ends in the middle of the longest pause in it (a cut with 40-ms frames below the voice
+threshold on both sides, so pauses of about 0.12 s or more are found; the earliest of equally long pauses, and none
+that would leave a piece shorter than MIN_PIECE_SECONDS, 1 s), so that a piece holds one utterance where the
+speaker pauses between them. Without a pause, it ends where the 160 ms around the cut are quietest within the last
+`boundary_search_s` seconds (default 5 s, at most half a chunk) before the limit. Video-only input is cut at fixed
+intervals. `stride_length_s` (s or (left, right)) extends every piece by that much audio/video on each side, and
+the overlapping texts are merged where their words agree (left half of the overlap from the earlier piece, right
+half from the later). A piece longer than LONG_CHUNK_FACTOR (1.5) times the longest training clip is transcribed
+with a warning: expect lost or invented words. An input no longer than `chunk_length_s` is never cut, so short
+clips give exactly what `model.generate` gives on the processor's output.
 
 Timestamps. `return_timestamps=True` adds "chunks": [{"text", "timestamp": (start_s, end_s)}] in the form of
 transformers' ASR pipeline: each piece's share of the text and where in the input it was heard (the span of its
@@ -70,11 +73,13 @@ SAMPLES_PER_FRAME = SAMPLING_RATE // VIDEO_FPS  # 640: one video frame of audio
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif", ".au"}
 GENERATION_KEYS = {key for key in vars(GenerationConfig()) if not key.startswith("_")} | {"generation_config"}
 DEFAULT_CHUNK_SECONDS = 10.0  # when the processor does not record how long its training clips were
+CHUNK_MARGIN_SECONDS = 0.5  # the default chunk: the longest training clip and this much room for pauses
 LONG_CHUNK_FACTOR = 1.5  # a piece this many times longer than the longest training clip gets a warning
 CUT_CONTEXT_FRAMES = 2  # a cut's quietness: the energy of this many 40-ms frames on each side of it
 VAD_FRAME_SAMPLES = SAMPLING_RATE // 50  # 20 ms
 VAD_THRESHOLD_DB = -50.0  # dBFS: RMS level of a 20-ms frame that counts as voiced
 MIN_SPEECH_SECONDS = 0.2  # at least this much voiced audio (or video, without audio) to transcribe
+MIN_PIECE_SECONDS = 1.0  # a long input is not cut at a pause that would leave a shorter piece
 
 
 class MediaInputError(ValueError):
@@ -118,27 +123,53 @@ def voiced_frames(audio: np.ndarray, threshold_db: float = VAD_THRESHOLD_DB) -> 
     return np.sqrt(np.mean(frames**2, axis=1)) >= 10.0 ** (threshold_db / 20.0)
 
 
-def chunk_boundaries(num_frames: int, audio: np.ndarray | None, chunk_frames: int, search_frames: int) -> list:
-    """[(start, end)] in video frames covering [0, num_frames), each at most `chunk_frames` long (the policy above)."""
-    bounds, start = [], 0
-    power = None
+def chunk_boundaries(num_frames: int, audio: np.ndarray | None, chunk_frames: int, search_frames: int,
+                     min_frames: int = 1, pause_db: float = VAD_THRESHOLD_DB) -> list:
+    """[(start, end)] in video frames covering [0, num_frames), each at most `chunk_frames` long (the policy above).
+
+    An input longer than `chunk_frames` is cut at its pauses, with audio: each piece ends in the middle of the
+    longest pause (40-ms frames below `pause_db` dBFS on both sides of the cut) within its reach that leaves it, and
+    what follows, at least `min_frames` long, the earliest of equally long ones; without a pause, a piece that must
+    end ends at the quietest cut (the mean power of the frames around it) in the last `search_frames`."""
+    if num_frames <= chunk_frames:
+        return [(0, num_frames)]
+    silent = power = None
     if audio is not None:
         usable = min(len(audio) // SAMPLES_PER_FRAME, num_frames)
         frames = audio[: usable * SAMPLES_PER_FRAME].reshape(usable, SAMPLES_PER_FRAME).astype(np.float64)
-        power = np.mean(frames**2, axis=1)
-    while num_frames - start > chunk_frames:
-        end = start + chunk_frames
-        if power is not None and search_frames > 0:
-            lo = max(start + 1, end - search_frames)
-            cuts = np.arange(lo, end + 1)
+        power = np.concatenate([np.mean(frames**2, axis=1), np.zeros(num_frames - usable)])
+        silent = power < 10.0 ** (pause_db / 10.0)
+    bounds, start = [], 0
+    while start < num_frames:
+        must_cut = num_frames - start > chunk_frames
+        end = min(start + chunk_frames, num_frames)
+        pause = None
+        if silent is not None and not silent[start:end].all():
+            # Not in the pause this piece starts in: only after its first sound.
+            sound = start + int(np.argmin(silent[start:end]))
+            pause = _pause_cut(silent, max(start + min_frames, sound + 1), min(end, num_frames - min_frames))
+        if pause is not None:
+            end = pause
+        elif must_cut and power is not None and search_frames > 0:
+            cuts = np.arange(max(start + 1, end - search_frames), end + 1)
             # Quietness of a cut: the mean power of the frames around it, so that a pause beats a stop closure.
-            context = [power[max(0, c - CUT_CONTEXT_FRAMES) : c + CUT_CONTEXT_FRAMES] for c in cuts]
-            energy = np.array([piece.mean() if len(piece) else 0.0 for piece in context])
-            end = int(cuts[len(cuts) - 1 - int(np.argmin(energy[::-1]))])  # ties go to the latest: longer chunks
+            energy = np.array([power[max(0, c - CUT_CONTEXT_FRAMES) : c + CUT_CONTEXT_FRAMES].mean() for c in cuts])
+            end = int(cuts[len(cuts) - 1 - int(np.argmin(energy[::-1]))])  # ties go to the latest
         bounds.append((start, end))
         start = end
-    bounds.append((start, num_frames))
     return bounds
+
+
+def _pause_cut(silent: np.ndarray, lo: int, hi: int) -> int | None:
+    """The middle of the longest run of cuts in [lo, hi] with silent frames on both sides (the earliest of equal
+    runs), or None. A cut c lies between frames c - 1 and c."""
+    quiet = np.array([silent[c - 1] and silent[c] for c in range(lo, min(hi, len(silent) - 1) + 1)], dtype=bool)
+    if not quiet.any():
+        return None
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]])))
+    runs = list(zip(edges[::2], edges[1::2]))  # [first, last + 1) of each run of quiet cuts
+    first, stop = max(runs, key=lambda run: (run[1] - run[0], -run[0]))
+    return int(lo + (first + stop - 1) // 2)
 
 
 def merge_overlapping(texts: list, overlapping: bool = True) -> list:
@@ -210,9 +241,10 @@ class AudioVisualSpeechRecognitionPipeline(ChunkPipeline):
 
     @property
     def default_chunk_length_s(self) -> float:
-        """The longest training clip (recorded by the processor), else DEFAULT_CHUNK_SECONDS; at most 30 s."""
+        """The longest training clip (recorded by the processor) and CHUNK_MARGIN_SECONDS for the pauses around an
+        utterance that long, else DEFAULT_CHUNK_SECONDS; at most 30 s."""
         longest = self.longest_training_clip
-        return min(longest if longest else DEFAULT_CHUNK_SECONDS, MAX_AUDIO_SECONDS)
+        return min(longest + CHUNK_MARGIN_SECONDS if longest else DEFAULT_CHUNK_SECONDS, MAX_AUDIO_SECONDS)
 
     def _sanitize_parameters(
         self,
@@ -360,7 +392,8 @@ class AudioVisualSpeechRecognitionPipeline(ChunkPipeline):
         core_frames = chunk_frames - left - right
         search_frames = int(min(boundary_search_s, core_frames / VIDEO_FPS / 2) * VIDEO_FPS)
         bounds = chunk_boundaries(num_frames, audio, chunk_frames if num_frames <= chunk_frames else core_frames,
-                                  search_frames)
+                                  search_frames, min_frames=int(MIN_PIECE_SECONDS * VIDEO_FPS),
+                                  pause_db=VAD_THRESHOLD_DB if vad_threshold_db is None else vad_threshold_db)
         if len(bounds) > 1:
             logger.info("%s: %.1f s split into %d chunks of at most %g s", source, num_frames / VIDEO_FPS,
                         len(bounds), chunk_length_s)

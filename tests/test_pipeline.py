@@ -277,13 +277,16 @@ def test_default_chunk_length_follows_the_training_clips_and_long_pieces_warn(ca
     pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
     assert pipe.default_chunk_length_s == 10.0  # nothing recorded: the documented default
     processor.training_clip_seconds = [1.0, 2.0]
-    assert pipe.default_chunk_length_s == 2.0
+    assert pipe.default_chunk_length_s == 2.5  # the longest clip and room for the pauses around it
+    # Bursts of 1.2-1.6 s: any two would fit in 2.5 s only without their pause; every piece is one burst, its
+    # timestamps the burst's span.
     audio = speech_like([1.5, -0.3, 1.2, -0.3, 1.6, -0.3, 1.4])
     result = pipe(audio, return_timestamps=True)
-    spans = [c["timestamp"] for c in result["chunks"]]
-    assert len(spans) == 4 and all(end - start <= 2.0 for start, end in spans)
-    # Each cut fell in a pause: every piece is one burst.
-    assert [round(s, 1) for s, _ in spans] == [0.0, 1.8, 3.3, 5.2]
+    assert [c["timestamp"] for c in result["chunks"]] == [(0.0, 1.5), (1.8, 3.0), (3.3, 4.9), (5.2, 6.6)]
+    # Pauses of 0.15 s are found too, and a long input is cut at every pause (a piece of at least 1 s each side).
+    audio = speech_like([1.1, -0.15, 1.0, -0.15, 1.1, 0.5])
+    assert [c["timestamp"] for c in pipe(audio, return_timestamps=True)["chunks"]] == [
+        (0.0, 1.1), (1.24, 2.26), (2.4, 4.0)]
     assert "trained on clips of at most" not in caplog.text
     with caplog.at_level("WARNING"):
         pipe(audio, chunk_length_s=6)

@@ -37,7 +37,8 @@ def run_composed(args) -> int:
     types = processor_token_types(processor, batch)
     tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
     report = analyze(model, dict(batch), types=types, out_dir=args.out, tokens=tokens, threshold=args.threshold,
-                     tau=args.tau, interventions=not args.no_interventions, figure_layer=args.figure_layer)
+                     tau=args.tau, interventions=not args.no_interventions, figure_layer=args.figure_layer,
+                     min_queries=args.min_queries, eq8_toward=args.eq8_toward)
     print(summary_markdown(report), end="")
     return 0
 

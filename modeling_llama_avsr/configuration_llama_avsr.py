@@ -39,6 +39,8 @@ VIDEO_FPS = 25  # AV-HuBERT's lip frames
 MAX_AUDIO_SECONDS = 30.0  # Whisper's window: longer audio would be cut, so it is refused instead
 # ITU-R BT.601 luma, the weights OpenCV's and auto_avsr's RGB -> gray conversion uses.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+# AV-HuBERT's lip-frame normalisation of [0, 1] grey levels (auto_avsr's and the original's).
+VIDEO_MEAN, VIDEO_STD = 0.421, 0.165
 # Whisper's log-mel hop is 10 ms and its second convolution has stride 2: one encoder frame per 20 ms.
 WHISPER_ENCODER_STRIDE = 2
 
@@ -51,10 +53,19 @@ OFFLINE_COMPONENT_HUB_IDS = {
 }
 
 
-def compressed_length(num_frames, rate: int):
-    """Tokens produced from `num_frames` encoder frames by avg-pooling or stacking `rate` frames (last window may be
-    partial). Works on ints and tensors; the processor and the model must agree on it, so both call this."""
-    return (num_frames + rate - 1) // rate
+PARTIAL_WINDOWS = ("keep", "drop")
+
+
+def compressed_length(num_frames, rate: int, partial_window: str = "keep"):
+    """Tokens produced from `num_frames` encoder frames by avg-pooling or stacking `rate` frames. A partial last
+    window is kept ("keep": ceil(T / rate), no frame is lost) or dropped ("drop": floor(T / rate), as the original's
+    AvgPool1d and its stacking do). Works on ints and tensors; the processor and the model must agree on it, so both
+    call this."""
+    if partial_window == "keep":
+        return (num_frames + rate - 1) // rate
+    if partial_window == "drop":
+        return num_frames // rate
+    raise ValueError(f"partial_window must be one of {PARTIAL_WINDOWS}, got {partial_window!r}")
 
 
 def whisper_encoder_length(num_mel_frames):
@@ -98,11 +109,19 @@ class LlamaAVSRConfig(PreTrainedConfig):
     modality (`"asr" | "vsr" | "avsr"`): which streams feed the LLM.
     compression_type (`"avg" | "stack"`): average-pool K frames (the sink paper) or concatenate them (ICASSP release).
     audio_compression_rate / video_compression_rate (`int`): K for each stream, written (a, v) in the papers.
+    partial_window (`"keep" | "drop"`): a clip's partial last window of K frames is averaged (stacked) over its real
+        frames, ceil(T / K) tokens; or dropped, floor(T / K) tokens, as the original's AvgPool1d(K) does.
     projector_hidden_size (`int`): hidden width of the Linear-ReLU-Linear projectors (2048 in the original).
     projector_layer_norm (`bool`): LayerNorm(d_llm) after each projector (used with the decorrelation loss).
     prompt (`str`, *optional*): instruction after the modality blocks; the original's for `modality` by default.
+    added_tokens_init (`"random" | "mean"`): how `from_components` fills the embedding (and untied LM-head) rows of
+        the added markers and placeholders: each drawn independently from the LLM's initialisation distribution,
+        N(0, initializer_range^2), as the original (transformers 4.43) did; or transformers 5's mean resizing, rows
+        sampled at 1e-9 of the embeddings' covariance around their mean, so practically all equal.
     lora_rank / lora_alpha / lora_dropout / lora_target_modules: LoRA on the language model only (0 = no LoRA).
     freeze_audio_encoder / freeze_video_encoder (`bool`): frozen encoders run in eval mode under no_grad.
+    video_mean / video_std (`float`): the lip-frame normalisation the model applies to uint8 video (the processor's
+        `video_output="uint8"`), which must equal the processor's `video_mean` / `video_std`.
     *_token_id: ids of the added markers and placeholders in the LLM vocabulary (set by `from_components`).
     """
 
@@ -122,15 +141,19 @@ class LlamaAVSRConfig(PreTrainedConfig):
     compression_type: Literal["avg", "stack"] = "avg"
     audio_compression_rate: int = 4
     video_compression_rate: int = 2
+    partial_window: Literal["keep", "drop"] = "keep"
     projector_hidden_size: int = 2048
     projector_layer_norm: bool = False
     prompt: str | None = None
+    added_tokens_init: Literal["random", "mean"] = "random"
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: list[str] | None = None
     freeze_audio_encoder: bool = True
     freeze_video_encoder: bool = True
+    video_mean: float = VIDEO_MEAN
+    video_std: float = VIDEO_STD
     audio_start_token_id: int | None = None
     audio_end_token_id: int | None = None
     video_start_token_id: int | None = None
@@ -179,6 +202,9 @@ __all__ = [
     "ADDED_TOKENS",
     "DEFAULT_PROMPTS",
     "LlamaAVSRConfig",
+    "PARTIAL_WINDOWS",
+    "VIDEO_MEAN",
+    "VIDEO_STD",
     "compressed_length",
     "resolve_component",
     "whisper_encoder_length",

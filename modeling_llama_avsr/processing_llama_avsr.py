@@ -16,7 +16,10 @@ from .configuration_llama_avsr import (
     DEFAULT_PROMPTS,
     LUMA_WEIGHTS,
     MAX_AUDIO_SECONDS,
+    PARTIAL_WINDOWS,
     SAMPLING_RATE,
+    VIDEO_MEAN,
+    VIDEO_STD,
     compressed_length,
     resolve_component,
     whisper_encoder_length,
@@ -83,14 +86,20 @@ class LlamaAVSRProcessor(ProcessorMixin):
     Args:
         feature_extractor (`WhisperFeatureExtractor`): log-mel features for the audio encoder.
         tokenizer: the LLM tokenizer, with the markers and placeholders added (see `from_components`).
-        modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate: as in the
-            model's config; they decide the sequence layout and must match the model.
+        modality (`"asr" | "vsr" | "avsr"`), prompt, audio_compression_rate, video_compression_rate, partial_window:
+            as in the model's config; they decide the sequence layout and must match the model.
         video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
         audio_window (`"full" | "trimmed"`): pad log-mel to Whisper's 30-s window (as pretrained, and as the reference
             does) or only as far as the batch's longest clip needs (much faster; the encoder then masks what
             each clip does not need, so its features do not depend on its batch; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
+        transcript_leading_space (`bool`): tokenise a target as `" " + transcript` (default: the transcript reads as
+            the words that follow the prompt) or bare, as the original code does (its tokenizer call gets the bare
+            transcript, so its first word is the no-space token). Checkpoints converted from the original set False.
+        video_output (`"normalized" | "uint8"`): `pixel_values_videos` as normalised float32 frames, or as the cropped
+            uint8 frames (a quarter of the bytes to move to the device), which the model normalises there, to the same
+            values (its config's `video_mean` / `video_std` must equal this processor's).
         training_clip_seconds (`[shortest, longest]`, *optional*): the durations of the clips the model was trained
             on, recorded by `examples/run_avsr.py`; the pipeline cuts long recordings into pieces of at most the
             longest.
@@ -104,11 +113,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
         prompt: str | None = None,
         audio_compression_rate: int = 4,
         video_compression_rate: int = 2,
+        partial_window: str = "keep",
         video_crop_size: int = 88,
-        video_mean: float = 0.421,
-        video_std: float = 0.165,
+        video_mean: float = VIDEO_MEAN,
+        video_std: float = VIDEO_STD,
         audio_window: str = "full",
         normalize_waveform: bool = False,
+        transcript_leading_space: bool = True,
+        video_output: str = "normalized",
         training_clip_seconds: list[float] | None = None,
         **kwargs,
     ):
@@ -119,6 +131,9 @@ class LlamaAVSRProcessor(ProcessorMixin):
         self.training_clip_seconds = training_clip_seconds
         if audio_window not in ("full", "trimmed"):
             raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
+        if video_output not in ("normalized", "uint8"):
+            raise ValueError(f"video_output must be 'normalized' or 'uint8', got {video_output!r}")
+        self.video_output = video_output
         self.audio_window = audio_window
         if modality not in DEFAULT_PROMPTS:
             raise ValueError(f"modality must be one of {list(DEFAULT_PROMPTS)}, got {modality!r}")
@@ -126,10 +141,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
         self.prompt = prompt if prompt is not None else DEFAULT_PROMPTS[modality]
         self.audio_compression_rate = audio_compression_rate
         self.video_compression_rate = video_compression_rate
+        if partial_window not in PARTIAL_WINDOWS:
+            raise ValueError(f"partial_window must be one of {PARTIAL_WINDOWS}, got {partial_window!r}")
+        self.partial_window = partial_window
         self.video_crop_size = video_crop_size
         self.video_mean = video_mean
         self.video_std = video_std
         self.normalize_waveform = normalize_waveform
+        self.transcript_leading_space = transcript_leading_space
         super().__init__(feature_extractor, tokenizer, **kwargs)
         self.token_ids = prepare_tokenizer(self.tokenizer)
 
@@ -185,8 +204,10 @@ class LlamaAVSRProcessor(ProcessorMixin):
             return_tensors="pt",
         )
         mel_frames = features["attention_mask"].sum(-1)
-        num_tokens = compressed_length(whisper_encoder_length(mel_frames), self.audio_compression_rate)
-        return features["input_features"], features["attention_mask"], num_tokens.tolist()
+        encoder_frames = whisper_encoder_length(mel_frames).tolist()
+        num_tokens = [self._num_tokens(n, self.audio_compression_rate, f"audio clip {i}")
+                      for i, n in enumerate(encoder_frames)]
+        return features["input_features"], features["attention_mask"], num_tokens
 
     def _video_frames(self, videos):
         frames, lengths = [], []
@@ -197,17 +218,32 @@ class LlamaAVSRProcessor(ProcessorMixin):
                 video = video[..., 0] if video.shape[-1] == 1 else video.astype(np.float32) @ np.asarray(LUMA_WEIGHTS, np.float32)
             t, h, w = video.shape
             top, left = (h - size) // 2, (w - size) // 2
-            crop = video[:, top : top + size, left : left + size].astype(np.float32) / 255.0
-            frames.append(torch.from_numpy((crop - self.video_mean) / self.video_std))
+            crop = video[:, top : top + size, left : left + size]
+            if self.video_output == "uint8":
+                if crop.dtype != np.uint8:  # e.g. RGB frames, whose grey levels are fractional
+                    raise ValueError(f"video {i} frames are {crop.dtype} after conversion to grey; "
+                                     "video_output='uint8' takes uint8 grey (T, H, W) frames, as read_video gives them")
+                frames.append(torch.from_numpy(np.ascontiguousarray(crop)))
+            else:
+                crop = crop.astype(np.float32) / 255.0
+                frames.append(torch.from_numpy((crop - self.video_mean) / self.video_std))
             lengths.append(t)
         longest = max(lengths)
-        pixels = torch.zeros(len(frames), longest, size, size)
+        dtype = torch.uint8 if self.video_output == "uint8" else torch.float32
+        pixels = torch.zeros(len(frames), longest, size, size, dtype=dtype)
         mask = torch.zeros(len(frames), longest, dtype=torch.long)
         for i, clip in enumerate(frames):
             pixels[i, : len(clip)] = clip
             mask[i, : len(clip)] = 1
-        num_tokens = [compressed_length(t, self.video_compression_rate) for t in lengths]
+        num_tokens = [self._num_tokens(t, self.video_compression_rate, f"video {i}") for i, t in enumerate(lengths)]
         return pixels, mask, num_tokens
+
+    def _num_tokens(self, frames: int, rate: int, what: str) -> int:
+        tokens = compressed_length(frames, rate, self.partial_window)
+        if tokens == 0:  # only with "drop": the model would get an empty modality block
+            raise ValueError(f"{what} gives {frames} encoder frames, fewer than the compression rate {rate}: with "
+                             "partial_window='drop' it would give no token")
+        return tokens
 
     # ---- text ----------------------------------------------------------------------------------------------------
 
@@ -281,7 +317,11 @@ class LlamaAVSRProcessor(ProcessorMixin):
         prompt_ids = self._encode_text(self.prompt, "prompt")  # once per batch: it is checked by a round trip
         sequences = []
         for i in range(batch_size):
-            target = self._encode_text(" " + text[i].strip(), f"transcript {i}") if text is not None else None
+            target = None
+            if text is not None:
+                transcript = text[i].strip()
+                target = self._encode_text(" " + transcript if self.transcript_leading_space else transcript,
+                                           f"transcript {i}")
             sequences.append(self._sequence(audio_tokens[i], video_tokens[i], prompt_ids, target))
         longest = max(len(ids) for ids, _ in sequences)
         input_ids = torch.full((batch_size, longest), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -9,54 +9,33 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_llama_avsr import LlamaAVSRForConditionalGeneration
 from modeling_llama_avsr.analysis import (
     SinkMonitorCallback,
-    act_calibration,
     analyze,
     attention_scores,
     bos_cosine_similarity,
-    calibrate,
     decoder_of,
     detect_sinks,
     layer_statistics,
     massive_activations,
     measure,
     mlp_origin,
+    nearest_non_sink,
     processor_token_types,
     record_attention_scores,
+    relative_attention_scores,
     rotate_hidden_state,
-    search_act_heads,
     token_types,
 )
+from modeling_llama_avsr.analysis.plots import plot_intervention
 from modeling_llama_avsr.analysis.tokens import AUDIO, AUDIO_MARKER, BOS, PAD, PROMPT, TRANSCRIPT, VIDEO, VIDEO_MARKER
 
-from tiny import random_clips, tiny_config, tiny_processor, tiny_tokenizer
-
-TARGETS = ["place blue at f two now", "red green by one", "place red in three now"]
-
+from analysis_models import tiny_avsr
+from tiny import tiny_tokenizer
 
 @pytest.fixture(scope="module")
 def avsr():
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    config = tiny_config("avsr", tokenizer=tokenizer)
-    processor = tiny_processor("avsr", config.audio_compression_rate, config.video_compression_rate, tokenizer)
-    model = LlamaAVSRForConditionalGeneration(config).eval()
-    clips = random_clips(3, seed=3, seconds=(0.5, 1.5))
-    batch = processor(audio=[a for a, _ in clips], videos=[v for _, v in clips], text=TARGETS)
-    # The encoders dominate the tiny model's time; most tests feed the decoder the merged embeddings directly.
-    seen = {}
-    hook = decoder_of(model).register_forward_pre_hook(lambda m, a, k: seen.update(k) and None, with_kwargs=True)
-    with torch.no_grad():
-        model(**_inputs(batch))
-    hook.remove()
-    fast = {"inputs_embeds": seen["inputs_embeds"], "attention_mask": batch["attention_mask"]}
-    return model, processor, batch, fast
-
-
-def _inputs(batch):
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return tiny_avsr()
 
 
 # ---- eq. 5-7 against an independent per-sample computation -----------------------------------------------------------
@@ -119,13 +98,123 @@ def test_massive_activations_and_bos_cosine_with_padding(padding_side):
 
 
 def test_detect_sinks_splits_bos_and_intermediate():
-    scores = torch.full((1, 2, 6), 0.05)
-    scores[0, :, 1] = 0.9  # BOS (left padding: position 1)
-    scores[0, 1, 4] = 0.5
-    mask = torch.tensor([[0, 1, 1, 1, 1, 1]])
-    sinks = detect_sinks(scores, mask, threshold=2.0)  # 2 / 5 tokens = 0.4
+    relative = torch.full((1, 2, 12), 1.0)
+    relative[0, :, 1] = 9.0  # BOS (left padding: position 1)
+    relative[0, 1, 4] = 6.0
+    relative[0, 0, 7] = 5.5  # 11 - 7 - 4 + 1 = 1 query four or more positions later: too few to judge
+    mask = torch.tensor([[0] + [1] * 11])
+    sinks = detect_sinks(relative, mask, threshold=5.0, min_queries=2, window=4)
     assert sinks.bos.tolist() == [[True, True]]
     assert sinks.positions(0, 0) == [] and sinks.positions(0, 1) == [4]
+    summary = sinks.summary()
+    json.dumps(summary)
+    assert summary["samples"][0]["bos_sink_layers"] == [0, 1]
+    assert summary["samples"][0]["intermediate_sinks"] == [{"position": 3, "layers": [1]}]  # sample coordinates
+    assert summary["intermediate_per_layer"] == [0, 1]
+
+
+def _relative_by_hand(maps, mask, window):
+    """The relative score sample by sample, query by query: mean over attended queries q >= i + window of
+    (mean over heads of A[q, i]) * (q' + 1), q' the query's position in its sample."""
+    expected = torch.zeros(mask.shape[0], len(maps), mask.shape[1])
+    for b in range(mask.shape[0]):
+        real = mask[b].bool().nonzero().flatten()
+        for layer, attn in enumerate(maps):
+            a = attn[b].mean(0)[real][:, real]  # (n, n) the sample alone
+            for i in range(len(real)):
+                queries = range(i + window, len(real))
+                if queries:
+                    expected[b, layer, real[i]] = sum(float(a[q, i]) * (q + 1) for q in queries) / len(queries)
+    return expected
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_relative_scores_with_padding(padding_side):
+    lengths, total = [9, 6, 7], 9
+    maps, mask = _random_maps(lengths, total, heads=3, layers=2, padding_side=padding_side, seed=4)
+    relative = relative_attention_scores(maps, mask, window=2)
+    expected = _relative_by_hand(maps, mask, window=2)
+    real = mask.bool()[:, None, :].expand_as(relative)
+    torch.testing.assert_close(relative[real], expected[real], rtol=1e-5, atol=1e-6)
+    # Uniform causal attention scores exactly 1 wherever a query is far enough, whatever the position.
+    uniform = torch.tril(torch.ones(total, total))
+    uniform = (uniform / uniform.sum(-1, keepdim=True))[None, None].expand(1, 2, total, total)
+    ones = relative_attention_scores((uniform,), window=3)[0, 0]
+    torch.testing.assert_close(ones[: total - 3], torch.ones(total - 3))
+
+
+def _sinky_maps(length, heads, layers, sinks=(), local=0.0, seed=0, temperature=3.0):
+    """Causal softmax maps with random logits (scaled by `temperature`), every later query giving each key in
+    `sinks` (position -> share) that share of its attention, and `local` of it to itself (the strong
+    self/neighbour attention of a model's last tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool))
+    maps = []
+    for _ in range(layers):
+        logits = temperature * torch.randn(1, heads, length, length, generator=g)
+        attn = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1)
+        planted = torch.zeros(length, length)
+        for key, share in dict(sinks).items():
+            planted[key + 1:, key] = share
+        planted += local * torch.eye(length)
+        rest = (1 - planted.sum(-1, keepdim=True)).clamp(min=0)
+        maps.append(attn * rest + planted)
+    return tuple(maps)
+
+
+def _old_rule(scores, length, threshold=5.0):
+    """The rule this replaces: eq. 5 score > threshold / N."""
+    return scores > threshold / length
+
+
+def test_random_attention_has_no_sink_and_a_planted_one_is_found():
+    length = 48
+    maps = _sinky_maps(length, heads=4, layers=3, seed=0)
+    assert _old_rule(attention_scores(maps), length).any()  # the last keys: few queries see them
+    assert not detect_sinks(relative_attention_scores(maps)).mask.any()
+    planted = _sinky_maps(length, heads=4, layers=3, sinks={0: 0.3, 17: 0.25}, seed=0)
+    sinks = detect_sinks(relative_attention_scores(planted))
+    assert sinks.bos.all()
+    assert all(sinks.positions(0, layer) == [17] for layer in range(3))
+
+
+def test_strong_local_attention_at_the_end_is_not_a_sink():
+    # What the main job's model looked like under the old rule: a BOS sink, and transcript tokens that attend to
+    # themselves and their neighbours. Only the BOS is a sink.
+    length = 60
+    maps = _sinky_maps(length, heads=4, layers=2, sinks={0: 0.4}, local=0.5, seed=1)
+    flagged_before = _old_rule(attention_scores(maps), length)[0, :, 1:].any(0).nonzero().flatten() + 1
+    assert (flagged_before >= length - 10).all() and len(flagged_before) >= 5
+    sinks = detect_sinks(relative_attention_scores(maps))
+    assert sinks.bos.all() and not sinks.intermediate.any()
+
+
+def test_random_model_has_no_sink_and_a_planted_one_is_found():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(3, 64, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    ids[:, 13] = 2  # the token planted below
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    run = measure(model, inputs)
+    assert not run.sinks().mask.any()
+    # Plant a sink: token 2 gets a key that every query matches, along the slowest rotary pair (RoPE barely turns
+    # it over 40 positions), through a feature no other token has.
+    head_dim = config.hidden_size // config.num_attention_heads
+    slow = head_dim // 2 - 1
+    with torch.no_grad():
+        embeddings = model.get_input_embeddings().weight
+        embeddings[:, :2] = 0.0
+        embeddings[:, 0] = 0.3  # every token's query carries feature 0
+        embeddings[2, 1] = 3.0  # only token 2 carries feature 1
+        for block in model.model.layers:
+            block.self_attn.q_proj.weight[slow::head_dim, 0] = 4.0
+            block.self_attn.k_proj.weight[slow::head_dim, 1] = 4.0
+    planted = measure(model, inputs).sinks()
+    assert planted.intermediate[:, :, 13].all()  # in every layer of both samples
+    assert set(planted.intermediate.nonzero()[:, 2].tolist()) == {13}
 
 
 def test_layer_statistics():
@@ -180,6 +269,81 @@ def test_hooked_scores_equal_eager_maps(avsr, query_chunk):
     full = attention_scores(eager.attentions, inputs["attention_mask"])
     valid = inputs["attention_mask"].bool()[:, None, :].expand_as(full)
     torch.testing.assert_close(hooked[valid], full[valid], rtol=0, atol=1e-5)
+    relative = relative_attention_scores(eager.attentions, inputs["attention_mask"])
+    torch.testing.assert_close(recorder.relative_scores()[valid], relative[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_visible_keys_reads_every_mask_form():
+    # What an attention function may receive: None (causal), sdpa's 4D bool, eager's 4D additive float, flash's 2D
+    # padding mask; all describe the same keys.
+    from transformers.masking_utils import eager_mask, sdpa_mask
+
+    from modeling_llama_avsr.analysis.hooks import visible_keys
+
+    padding = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.tril(torch.ones(5, 5, dtype=torch.bool))[None] & padding[:, None, :]
+    common = dict(batch_size=2, q_length=5, kv_length=5, attention_mask=padding)
+    torch.testing.assert_close(visible_keys(sdpa_mask(**common, allow_is_causal_skip=False), 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(eager_mask(**common), 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(padding, 5, 5, "cpu"), expected)
+    torch.testing.assert_close(visible_keys(None, 3, 5, "cpu")[0], torch.tril(torch.ones(3, 5, dtype=torch.bool), 2))
+    with pytest.raises(TypeError, match="BlockMask"):
+        visible_keys(object(), 5, 5, "cpu")
+
+
+def test_measure_sees_act(avsr):
+    # Under ACT, the measured scores are eq. 5 of the calibrated maps an eager forward returns under the same ACT,
+    # and the hidden states are those of the calibrated forward.
+    from modeling_llama_avsr.analysis import act_calibration
+
+    model, _, _, inputs = avsr
+    mask = inputs["attention_mask"]
+    plain = measure(model, inputs)
+    with act_calibration(model, {(1, 0), (1, 2), (2, 3)}, beta=0.2, threshold=0.05):
+        run = measure(model, inputs)
+        with torch.no_grad():
+            eager = model(**inputs, output_attentions=True, output_hidden_states=True)
+    valid = mask.bool()[:, None, :].expand_as(run.scores)
+    torch.testing.assert_close(run.scores[valid], attention_scores(eager.attentions, mask)[valid], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run.relative_scores[valid],
+                               relative_attention_scores(eager.attentions, mask)[valid], rtol=1e-5, atol=1e-5)
+    for measured, calibrated in zip(run.hidden_states, eager.hidden_states):
+        torch.testing.assert_close(measured, calibrated, rtol=0, atol=0)
+    assert (plain.scores - run.scores)[valid].abs().max() > 1e-2  # the calibration does change the scores
+
+
+def test_measure_keeps_the_attention_implementation_set(avsr):
+    model, _, _, inputs = avsr
+    decoder = decoder_of(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        run = measure(model, inputs)
+        assert decoder.config._attn_implementation == "eager"
+        with torch.no_grad():
+            eager = model(**inputs, output_attentions=True, output_hidden_states=True)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    for measured, expected in zip(run.hidden_states, eager.hidden_states):
+        torch.testing.assert_close(measured, expected, rtol=0, atol=0)  # eager's own forward, to the last bit
+    valid = inputs["attention_mask"].bool()[:, None, :].expand_as(run.scores)
+    torch.testing.assert_close(run.scores[valid], attention_scores(eager.attentions, inputs["attention_mask"])[valid],
+                               rtol=0, atol=1e-6)
+
+
+def test_measure_exposes_the_last_layer_before_the_final_norm(avsr):
+    model, _, _, inputs = avsr
+    decoder = decoder_of(model)
+    seen = {}
+    handle = decoder.layers[-1].register_forward_hook(lambda m, a, out: seen.update(out=out))
+    try:
+        run = measure(model, inputs)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(run.last_layer_output, seen["out"], rtol=0, atol=0)
+    torch.testing.assert_close(decoder.norm(run.last_layer_output), run.hidden_states[-1])
+    raw = run.raw_hidden_states
+    assert len(raw) == len(run.hidden_states) and raw[-1] is run.last_layer_output
+    assert all(a is b for a, b in zip(raw[:-1], run.hidden_states[:-1]))
 
 
 def test_measure_on_a_plain_causal_lm():
@@ -203,38 +367,45 @@ def test_measure_on_a_plain_causal_lm():
 # ---- interventions and origin ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("toward", ["bos", "nearest", "position"])
-def test_rotation_sets_direction_and_keeps_norm(avsr, toward):
-    model, _, _, inputs = avsr
-    length = inputs["attention_mask"].shape[1]
-    layer, token = 1, length - 4  # real in every sample (left padding)
-    toward = length - 8 if toward == "position" else toward
+def _rotated_input(model, inputs, layer, tokens, **kwargs):
+    """(rotation, the state layer `layer` received, the hidden states of a plain forward)."""
     with torch.no_grad():
-        before = model(**inputs, output_hidden_states=True).hidden_states[layer]
+        before = model(**inputs, output_hidden_states=True).hidden_states
     seen = {}
     block = decoder_of(model).layers[layer]
 
     def capture(module, args, kwargs):  # registered after the rotation's hook, so it sees the rotated state
         seen["h"] = args[0] if args else kwargs["hidden_states"]
 
-    with rotate_hidden_state(model, layer, token, toward=toward, sinks=[3]) as rotation:
+    with rotate_hidden_state(model, layer, tokens, **kwargs) as rotation:
         handle = block.register_forward_pre_hook(capture, with_kwargs=True)
         try:
             with torch.no_grad():
-                model(**inputs)
+                seen["after"] = model(**inputs, output_hidden_states=True).hidden_states
         finally:
             handle.remove()
-    rotated = seen["h"]
+    return rotation, seen, before
+
+
+@pytest.mark.parametrize("toward", ["bos", "nearest", "most_similar", "position"])
+def test_rotation_sets_direction_and_keeps_norm(avsr, toward):
+    model, _, _, inputs = avsr
+    length = inputs["attention_mask"].shape[1]
+    layer, token = 1, length - 4  # real in every sample (left padding)
+    toward = length - 8 if toward == "position" else toward
+    rotation, seen, hidden = _rotated_input(model, inputs, layer, token, toward=toward, sinks=[length - 3])
+    before, rotated = hidden[layer], seen["h"]
     bos = inputs["attention_mask"].long().argmax(-1)
     for b in range(len(rotated)):
-        target = rotation.targets[b]
+        (target,) = rotation.targets[b]
         if toward == "bos":
             assert target == bos[b]
         elif toward == "nearest":
-            assert target not in (token, 3, int(bos[b]))
+            assert target == token - 1  # the preceding token wins the tie with token + 1
+        elif toward == "most_similar":
             cosine = torch.nn.functional.cosine_similarity(before[b], before[b, token][None], dim=-1)
             allowed = inputs["attention_mask"][b].bool().clone()
-            allowed[[token, 3, int(bos[b])]] = False
+            allowed[[token, length - 3, int(bos[b])]] = False
             assert target == int(torch.where(allowed, cosine, -2.0).argmax())
         direction = torch.nn.functional.cosine_similarity(rotated[b, token], before[b, target], dim=0)
         assert direction == pytest.approx(1.0, abs=1e-5)
@@ -242,6 +413,48 @@ def test_rotation_sets_direction_and_keeps_norm(avsr, toward):
         others = torch.ones(rotated.shape[1], dtype=torch.bool)
         others[token] = False
         torch.testing.assert_close(rotated[b, others], before[b, others])
+    torch.testing.assert_close(rotation.rotated_input, rotated)
+
+
+def test_nearest_non_sink_by_position():
+    hidden = torch.randn(2, 10, 4)
+    mask = torch.tensor([[1] * 10, [0, 0] + [1] * 8])
+    # token 5: 4 and 6 are sinks, so 3 and 7 tie; the preceding one wins. Sample 1's BOS (2) is never a target.
+    assert nearest_non_sink(hidden, 5, [4, 6], mask).tolist() == [3, 3]
+    assert nearest_non_sink(hidden, 3, [4, 2], mask).tolist() == [1, 5]
+    with pytest.raises(ValueError, match="No token left"):
+        nearest_non_sink(hidden[:, :3], 1, [2])
+
+
+def test_rotating_several_sinks_at_once(avsr):
+    model, _, _, inputs = avsr
+    length = inputs["attention_mask"].shape[1]
+    tokens = [length - 6, length - 5]  # two neighbours, like the paper's sinks {20, 21}
+    rotation, seen, hidden = _rotated_input(model, inputs, 1, tokens, toward="nearest", sinks=[length - 4])
+    before, rotated = hidden[1], seen["h"]
+    for b in range(len(rotated)):
+        # neither each other nor the other sink; length - 5 ties between length - 7 and length - 3
+        assert rotation.targets[b] == [length - 7, length - 7]
+        for token, target in zip(tokens, rotation.targets[b]):
+            direction = torch.nn.functional.cosine_similarity(rotated[b, token], before[b, target], dim=0)
+            assert direction == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_rotation_traces_read_the_same_at_every_layer(avsr, layer):
+    # transformers records entry 0 as layer 0's input (after the hook) but entry l >= 1 as layer l-1's output (before
+    # it): Rotation.traced puts what layer l received at entry l in both cases.
+    model, _, _, inputs = avsr
+    token = inputs["attention_mask"].shape[1] - 4
+    rotation, seen, before = _rotated_input(model, inputs, layer, token, toward="bos")
+    after = seen["after"]
+    shows_in_raw_tuple = not torch.allclose(after[layer][:, token], before[layer][:, token])
+    assert shows_in_raw_tuple == (layer == 0)
+    traced = rotation.traced(after)
+    torch.testing.assert_close(traced[layer], seen["h"], rtol=0, atol=0)
+    for entry in range(len(after)):
+        if entry != layer:
+            assert traced[entry] is after[entry]
 
 
 def test_mlp_origin_decomposes_the_layer(avsr):
@@ -261,93 +474,81 @@ def test_mlp_origin_decomposes_the_layer(avsr):
     assert set(origin.summary()["features"]) == {"3", "17"}
 
 
-# ---- ACT ------------------------------------------------------------------------------------------------------------
-
-
-def test_calibrate_rows_sum_to_one_and_scale_sinks():
-    torch.manual_seed(0)
-    n = 8
-    logits = torch.randn(2, 3, n, n).masked_fill(~torch.tril(torch.ones(n, n, dtype=torch.bool)), float("-inf"))
-    logits[..., 4] += 4.0  # key 4 becomes a sink
-    probs = torch.softmax(logits, -1)
-    out = calibrate(probs, heads=[0, 2], beta=0.4, threshold=0.3, bos=torch.tensor([0, 0]))
-    torch.testing.assert_close(out.sum(-1), torch.ones(2, 3, n))
-    torch.testing.assert_close(out[:, 1], probs[:, 1])  # head not chosen
-    torch.testing.assert_close(out[:, [0, 2], :, 4], 0.4 * probs[:, [0, 2], :, 4])
-    assert (out[:, [0, 2], 5:, 0] > probs[:, [0, 2], 5:, 0]).all()  # BOS is not calibrated; it gets a share
-    torch.testing.assert_close(calibrate(probs, [0, 1, 2], 1.0, 0.1, torch.tensor([0, 0])), probs)
-    # Redistribution is proportional: the ratio between two non-sink keys is unchanged.
-    ratio = out[:, 0, 7, 1] / out[:, 0, 7, 2]
-    torch.testing.assert_close(ratio, probs[:, 0, 7, 1] / probs[:, 0, 7, 2])
-
-
-def test_act_in_the_model(avsr):
+@pytest.mark.parametrize("layer", [0, 2])
+def test_mlp_origin_takes_its_sink_group_from_attention(avsr, layer):
     model, _, _, inputs = avsr
+    mask = inputs["attention_mask"]
+    origin = mlp_origin(model, inputs, layer, [3], sample=1, threshold=1.5)
     decoder = decoder_of(model)
     decoder.set_attn_implementation("eager")
     try:
         with torch.no_grad():
-            eager = model(**inputs, output_attentions=True)
+            attentions = model(**inputs, output_attentions=True).attentions
     finally:
         decoder.set_attn_implementation("sdpa")
-    every_head = {(layer, head) for layer in range(3) for head in range(4)}
-    with torch.no_grad():
-        with act_calibration(model, every_head, beta=1.0, threshold=0.0):
-            unchanged = model(**inputs).logits
-        torch.testing.assert_close(unchanged, eager.logits, atol=1e-5, rtol=0)
-        with act_calibration(model, {(1, 0), (2, 3)}, beta=0.2, threshold=0.05):
-            calibrated = model(**inputs, output_attentions=True)
-    assert decoder.config._attn_implementation == "sdpa"
-    real = inputs["attention_mask"].bool()
-    for layer, attn in enumerate(calibrated.attentions):
-        rows = attn.sum(-1)[real[:, None, :].expand(-1, attn.shape[1], -1)]
-        torch.testing.assert_close(rows, torch.ones_like(rows))
-    torch.testing.assert_close(calibrated.attentions[0], eager.attentions[0], atol=1e-5, rtol=0)
-    assert not torch.allclose(calibrated.attentions[1][:, 0], eager.attentions[1][:, 0], atol=1e-4)
-    torch.testing.assert_close(calibrated.attentions[1][:, 1:3], eager.attentions[1][:, 1:3], atol=1e-5, rtol=0)
-
-
-def test_act_generate_calibrates_prefill_only(avsr):
-    model, processor, batch, _ = avsr
-    inputs = _inputs(batch)
-    pad = processor.tokenizer.pad_token_id
-    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=pad)
-    with torch.no_grad():
-        plain = model.generate(**inputs, **kwargs)
-        with act_calibration(model, {(0, 0)}, beta=1.0):
-            same = model.generate(**inputs, **kwargs)
-        with act_calibration(model, {(l, h) for l in range(3) for h in range(4)}, beta=0.0, threshold=0.02):
-            model.generate(**inputs, **kwargs)  # runs; decoding steps attend plainly
-    assert same.tolist() == plain.tolist()
-
-
-def test_head_search():
-    good = {(2, 1), (3, 0)}
-
-    def wer(heads):  # each good head lowers the WER, any other head raises it
-        return 0.3 - 0.05 * len(heads & good) + 0.01 * len(heads - good)
-
-    greedy = search_act_heads(wer, num_layers=5, num_heads=2)
-    assert greedy.heads == good and greedy.wer == pytest.approx(0.2) and greedy.baseline_wer == pytest.approx(0.3)
-    assert len(greedy.history) == 1 + 3 * 2
-    individual = search_act_heads(wer, num_layers=5, num_heads=2, mode="individual")
-    assert individual.heads == good and individual.wer == pytest.approx(0.2)
+    sinks = detect_sinks(relative_attention_scores(attentions, mask), mask, threshold=1.5)
+    reader = min(layer + 1, 2)  # the next layer's attention reads what this MLP wrote; the last layer reads its own
+    offset = int(mask[1].argmax())
+    expected = [p - offset for p in sinks.mask[1, reader].nonzero().flatten().tolist()]
+    assert expected and origin.tokens == expected
 
 
 # ---- report, callback, command line ----------------------------------------------------------------------------------
 
 
+def _padded_first(avsr):
+    """The fast inputs and token types with a left-padded sample first, so that sample and tensor positions differ."""
+    _, processor, batch, fast = avsr
+    order = torch.argsort(batch["attention_mask"].sum(-1))  # shortest first
+    types = processor_token_types(processor, batch)[order]
+    inputs = {"inputs_embeds": fast["inputs_embeds"][order], "attention_mask": fast["attention_mask"][order]}
+    return inputs, types, int((1 - inputs["attention_mask"][0]).sum())
+
+
 def test_analyze_writes_report_and_figures(avsr, tmp_path):
-    model, processor, batch, fast = avsr
-    types = processor_token_types(processor, batch)
-    report = analyze(model, fast, types=types, out_dir=tmp_path, threshold=2.0, tau=20.0)
+    import copy
+
+    model = copy.deepcopy(avsr[0])
+    with torch.no_grad():  # a massive feature 5 made by the MLP of decoder layer 1, as a real model has them
+        decoder_of(model).layers[1].mlp.down_proj.weight[5] *= 3000.0
+    inputs, types, offset = _padded_first(avsr)
+    assert offset > 0
+    report = analyze(model, inputs, types=types, out_dir=tmp_path, threshold=1.5, tau=20.0)
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["num_layers"] == 3 and len(saved["layers"]) == 3
     assert saved["token_types"][0] == "BOS" and "audio marker" in saved["token_types"]
+    assert saved["sink_rule"] == {"statistic": "relative attention score", "threshold": 1.5, "window": 4,
+                                  "min_queries": 4}
     for path in report["figures"].values():
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "summary.md").read_text().startswith("# Attention sinks")
+
+    run = measure(model, inputs)
+    sinks = detect_sinks(run.relative_scores, inputs["attention_mask"], threshold=1.5)
+    own = {layer: [p - offset for p in sinks.positions(0, layer)] for layer in range(3)}
+    assert {int(k): v for k, v in saved["intermediate_sinks"].items()} == {
+        p: [l for l in range(3) if p in own[l]] for p in sorted({p for ps in own.values() for p in ps})}
+    # The MLP origin's sink group comes from attention: the sinks of the layer after the one that made the massive
+    # activations.
+    assert saved["first_massive_entry"] == 2 and saved["mlp_origin"]["layer"] == 1
+    group = [p - offset for p in sinks.mask[0, 2].nonzero().flatten().tolist()]
+    assert group and saved["mlp_origin"]["tokens"] == group
+    # Eq. 8 rotates all intermediate sinks of one layer at once, toward the nearest non-sink by position.
+    eq8 = saved["interventions"][0]
+    assert eq8["toward"] == "nearest" and eq8["tokens"] == own[eq8["layer"]] and len(eq8["tokens"]) >= 2
+    every_sink = {p for ps in own.values() for p in ps} | {0}
+    for token, target in zip(eq8["tokens"], eq8["targets"]):
+        assert target not in every_sink
+        between = range(min(token, target) + 1, max(token, target))
+        assert all(p in every_sink for p in between)  # nothing closer was free
+    # Eq. 9 picks a token far enough from the end for the rule to tell whether it became a sink.
+    eq9 = saved["interventions"][1]
+    assert eq9["toward"] == "bos" and eq9["tokens"][0] <= saved["num_tokens"] - 8
+    # The figures name tokens by their position in the sample, not in the padded tensor.
+    figure = plot_intervention(eq8, None)
+    labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert f"token {eq8['tokens'][0]}, before" in labels
 
 
 def test_sink_monitor_callback(avsr):
@@ -363,7 +564,7 @@ def test_sink_monitor_callback(avsr):
             self.logged.append(values)
 
     trainer = Trainer()
-    callback = SinkMonitorCallback(dict(batch), trainer=trainer)
+    callback = SinkMonitorCallback(dict(batch), trainer=trainer, threshold=1.5)
     model.train()
     metrics = {"eval_loss": 1.0}
     callback.on_evaluate(None, State(), None, model=model, metrics=metrics)
@@ -371,8 +572,33 @@ def test_sink_monitor_callback(avsr):
     model.eval()
     keys = {"eval_sinks/intermediate", "eval_sinks/max_activation_ratio", "eval_sinks/prefix_cos_bos"}
     assert keys <= set(metrics) and set(trainer.logged[0]) == keys
-    assert -1.0 <= metrics["eval_sinks/prefix_cos_bos"] <= 1.0 and metrics["eval_sinks/max_activation_ratio"] >= 1.0
     assert callback.history[0]["step"] == 7
+    json.dumps(callback.history)
+
+    # Independently: eager maps and hidden states, eq. 10's entries 2..L-1, the relative-score sinks.
+    decoder = decoder_of(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True, output_hidden_states=True)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    mask, labels = batch["attention_mask"].bool(), batch["labels"]
+    entries = range(2, len(out.hidden_states) - 1)
+    ratios, cosines = [], []
+    for b in range(len(mask)):
+        states = [out.hidden_states[e][b][mask[b]].abs() for e in entries]
+        ratios.append(max(float(h.max() / h.flatten().median()) for h in states))
+        prefix = (labels[b][mask[b]] == -100).nonzero().flatten()[1:]  # BOS left out
+        for e in entries:
+            h = out.hidden_states[e][b][mask[b]]
+            cosines += torch.nn.functional.cosine_similarity(h[prefix], h[:1], dim=-1).tolist()
+    assert metrics["eval_sinks/max_activation_ratio"] == pytest.approx(sum(ratios) / len(ratios), rel=1e-4)
+    assert metrics["eval_sinks/prefix_cos_bos"] == pytest.approx(sum(cosines) / len(cosines), abs=1e-5)
+    sinks = detect_sinks(relative_attention_scores(out.attentions, mask), mask, threshold=1.5)
+    expected = sinks.intermediate.any(1).sum(-1).float().mean()
+    assert metrics["eval_sinks/intermediate"] == pytest.approx(float(expected)) and expected > 0
+    assert callback.history[0]["sinks"]["intermediate_per_layer"] == sinks.intermediate.sum((0, 2)).tolist()
 
 
 def test_analyze_command_on_a_causal_lm_folder(tmp_path, capsys):
@@ -395,3 +621,79 @@ def test_analyze_command_on_a_causal_lm_folder(tmp_path, capsys):
     assert "BOS sink" in capsys.readouterr().out
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["num_tokens"] == 13 and report["tokens"][0] == "<s>"
+
+
+def test_sink_monitor_steps_and_profile(avsr):
+    """The monitor measures at the asked optimizer steps (0 = before any update) without an evaluation, and its
+    profile agrees with an independent computation from eager maps and hidden states."""
+    model, processor, batch, _ = avsr
+    from modeling_llama_avsr.analysis import processor_token_types, sink_profile
+
+    types = processor_token_types(processor, batch)
+
+    class State:
+        global_step = 0
+
+    callback = SinkMonitorCallback(dict(batch), threshold=1.5, types=types, steps=[0, 3])
+    state = State()
+    callback.on_train_begin(None, state, None, model=model)
+    for step in (1, 2, 3, 4):
+        state.global_step = step
+        callback.on_step_end(None, state, None, model=model)
+    assert [entry["step"] for entry in callback.history] == [0, 3]
+    quiet = SinkMonitorCallback(dict(batch), threshold=1.5, steps=[0], at_evaluation=False)
+    metrics = {}
+    quiet.on_evaluate(None, state, None, model=model, metrics=metrics)
+    assert quiet.history == [] and metrics == {}
+    profile = callback.history[0]["profile"]
+    json.dumps(callback.history)
+
+    decoder = decoder_of(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**batch, output_attentions=True, output_hidden_states=True)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    mask = batch["attention_mask"].bool()
+    sinks = detect_sinks(relative_attention_scores(out.attentions, mask), mask, threshold=1.5)
+    layers = range(2, len(out.attentions))
+    bos = mask.long().argmax(-1)
+    assert profile["bos_sink_fraction"] == pytest.approx(
+        sum(bool(sinks.bos[b, l]) for b in range(len(mask)) for l in layers) / (len(mask) * len(layers)))
+    sink_cos, other_cos = [], []
+    for b in range(len(mask)):
+        is_sink = sinks.intermediate[b, list(layers)].any(0)
+        for l in layers:
+            h = out.hidden_states[l][b]  # the hidden state entering decoder layer l
+            cos = torch.nn.functional.cosine_similarity(h, h[bos[b]][None], dim=-1)
+            for p in range(mask.shape[1]):
+                if not mask[b, p] or p == bos[b]:
+                    continue
+                if sinks.intermediate[b, l, p]:
+                    sink_cos.append(float(cos[p]))
+                elif not is_sink[p]:
+                    other_cos.append(float(cos[p]))
+    assert profile["cos_bos"]["num_sinks"] == len(sink_cos) > 0
+    assert profile["cos_bos"]["sinks"] == pytest.approx(sum(sink_cos) / len(sink_cos), abs=1e-5)
+    assert profile["cos_bos"]["others"] == pytest.approx(sum(other_cos) / len(other_cos), abs=1e-5)
+    by_type = profile["intermediate_by_type"]
+    assert sum(by_type.values()) == pytest.approx(float(sinks.intermediate[:, list(layers)].any(1).sum(-1).float().mean()))
+
+    # Massive features, at a tau low enough for a tiny random model to have some.
+    from modeling_llama_avsr.analysis import measure
+
+    raw = measure(model, dict(batch)).raw_hidden_states
+    # the same hidden states at the real tokens (padded rows differ between eager and sdpa, and are never read)
+    assert all(torch.allclose(r[mask], h[mask], atol=1e-4) for r, h in zip(raw[2:-1], out.hidden_states[2:-1]))
+    tau = 3.0
+    low = sink_profile(sinks, raw, mask, types, tau=tau)
+    expected_bos, expected_ratio = set(), 0.0
+    for l in layers:
+        for b in range(len(mask)):
+            h = raw[l][b].abs()
+            median = h[mask[b]].median()
+            expected_bos |= set((h[bos[b]] >= tau * median).nonzero().flatten().tolist())
+            expected_ratio = max(expected_ratio, float((h[mask[b]] / median).max()))
+    assert set(low["massive"]["features_bos"]) == expected_bos
+    assert low["massive"]["max_ratio"] == pytest.approx(expected_ratio, rel=1e-5)

@@ -216,8 +216,9 @@ def components(tmp_path):
     return text_dir, audio_dir, text_config, whisper, base_vocab
 
 
-def original_state(text_config, whisper, base_vocab, reduction, rate, video_config=None, seed=0):
-    """An `AVSR_LLMs` state dict as the original saves it (ASR, or AVSR with `video_config`)."""
+def original_state(text_config, whisper, base_vocab, reduction, rate, video_config=None, seed=0, layer_norm=False):
+    """An `AVSR_LLMs` state dict as the original saves it (ASR, or AVSR with `video_config`; `layer_norm`: the
+    projectors end with the LayerNorm of `--layernorm-projector`, module index 3 of their nn.Sequential)."""
     torch.manual_seed(seed)
     llm_config = LlamaConfig(**{**text_config.to_dict(), "vocab_size": base_vocab + len(ORIGINAL_ADDED)})
     llm = LlamaForCausalLM(llm_config)
@@ -239,6 +240,9 @@ def original_state(text_config, whisper, base_vocab, reduction, rate, video_conf
         state[f"{stream}_proj.0.bias"] = torch.randn(24) * 0.1
         state[f"{stream}_proj.2.weight"] = torch.randn(hidden, 24) * 0.2
         state[f"{stream}_proj.2.bias"] = torch.randn(hidden) * 0.1
+        if layer_norm:
+            state[f"{stream}_proj.3.weight"] = 1 + torch.randn(hidden) * 0.1
+            state[f"{stream}_proj.3.bias"] = torch.randn(hidden) * 0.1
     if video_config is not None:
         state.update({"video_encoder." + k: v for k, v in fairseq_state(video_config, seed).items()})
     return state
@@ -246,7 +250,8 @@ def original_state(text_config, whisper, base_vocab, reduction, rate, video_conf
 
 def original_logits(state, text_config, whisper, base_vocab, tokenizer, audio, scaling, rate, video_features=None):
     """The original's computation: [BOS] <audio> proj(stack(whisper)) </audio> [<video> ... </video>] prompt, through
-    a plain Llama with LoRA merged into q/v (W + scaling * up @ down); the Whisper encoder runs on the 30-s window."""
+    a plain Llama with LoRA merged into q/v (W + scaling * up @ down); the Whisper encoder runs on the 30-s window,
+    its output cut at len / 16000 * 50 frames, and stacking drops a partial last window."""
     llm_config = LlamaConfig(**{**text_config.to_dict(), "vocab_size": base_vocab + len(ORIGINAL_ADDED)})
     llm = LlamaForCausalLM(llm_config).eval()
     merged = {k[len("llm."):]: v.clone() for k, v in state.items() if k.startswith("llm.") and "lora_" not in k}
@@ -262,11 +267,14 @@ def original_logits(state, text_config, whisper, base_vocab, tokenizer, audio, s
     encoder.load_state_dict({k[len("audio_encoder."):]: v for k, v in state.items() if k.startswith("audio_encoder.")})
     mel = WhisperFeatureExtractor(feature_size=80)(audio, sampling_rate=16000, return_tensors="pt").input_features
     frames = encoder(mel).last_hidden_state[:, : len(audio) // 320]
-    stacked = frames.reshape(1, -1, whisper.d_model * rate)
+    stacked = frames[:, : frames.shape[1] // rate * rate].reshape(1, -1, whisper.d_model * rate)
 
     def proj(x, stream):
         h = F.relu(F.linear(x, state[f"{stream}_proj.0.weight"], state[f"{stream}_proj.0.bias"]))
-        return F.linear(h, state[f"{stream}_proj.2.weight"], state[f"{stream}_proj.2.bias"])
+        h = F.linear(h, state[f"{stream}_proj.2.weight"], state[f"{stream}_proj.2.bias"])
+        if f"{stream}_proj.3.weight" in state:
+            h = F.layer_norm(h, h.shape[-1:], state[f"{stream}_proj.3.weight"], state[f"{stream}_proj.3.bias"])
+        return h
 
     embed = llm.get_input_embeddings()
     ids = {t: base_vocab + i for i, t in enumerate(ORIGINAL_ADDED)}
@@ -329,3 +337,122 @@ def test_reference_checkpoint_needs_the_lora_scaling(components):
     state = original_state(text_config, whisper, base_vocab, 8, 2)
     with pytest.raises(ValueError, match="lora_scaling"):
         convert_reference_checkpoint(state, text_model=str(text_dir), audio_encoder=str(audio_dir), prompt=PROMPT)
+
+
+def test_reference_layer_norm_checkpoint_with_a_partial_last_window(tmp_path, components):
+    # The sink paper's setting: projectors with LayerNorm. 0.94 s of audio gives 47 Whisper frames: stacking by 2
+    # leaves a partial last window, which the original drops.
+    text_dir, audio_dir, text_config, whisper, base_vocab = components
+    state = original_state(text_config, whisper, base_vocab, 8, 2, layer_norm=True)
+    model, processor = convert_reference_checkpoint(state, text_model=str(text_dir), audio_encoder=str(audio_dir),
+                                                    lora_scaling=0.5, prompt=PROMPT, output_dir=tmp_path / "out")
+    assert model.config.projector_layer_norm and model.config.partial_window == "drop"
+    torch.testing.assert_close(model.model.audio_projector.layer_norm.weight, state["audio_proj.3.weight"])
+    audio = (0.1 * np.random.default_rng(2).standard_normal(15040)).astype(np.float32)
+    inputs = processor(audio=[audio])
+    assert int((inputs["input_ids"] == model.config.audio_token_id).sum()) == 47 // 2
+    with torch.no_grad():
+        ours = model(**inputs).logits[0]
+        theirs = original_logits(state, text_config, whisper, base_vocab, processor.tokenizer, audio, 0.5, 2)
+    torch.testing.assert_close(ours[:, :base_vocab], theirs[:, :base_vocab], atol=1e-4, rtol=1e-4)
+    # The saved processor tokenises as the original did and keeps its token counts.
+    from modeling_llama_avsr import LlamaAVSRProcessor
+
+    saved = LlamaAVSRProcessor.from_pretrained(tmp_path / "out")
+    assert saved.transcript_leading_space is False and saved.partial_window == "drop"
+
+
+def save_base_llm(state, text_config, base_vocab, folder):
+    """The pretrained LLM a run started from: the checkpoint's frozen LLM tensors, without the added rows."""
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM(text_config)
+    base.load_state_dict({k[len("llm."):]: v[:base_vocab] if "embed_tokens" in k else v
+                          for k, v in state.items() if k.startswith("llm.") and "lora_" not in k}, strict=False)
+    base.save_pretrained(folder)
+    return str(folder)
+
+
+def epoch_checkpoints(state, folder, n):
+    """n Lightning checkpoints of one run: the frozen tensors of `state` in every epoch, the trained ones (LoRA,
+    projectors) moved; the tied embedding is one tensor under two names, as the module's state_dict gives it."""
+    paths, epochs = [], []
+    for k in range(n):
+        epoch = {key: value + 0.05 * (k + 1) * torch.randn_like(value) if ("lora_" in key or "_proj." in key)
+                 else value.clone() for key, value in state.items()}
+        epoch["llm.lm_head.weight"] = epoch["llm.model.embed_tokens.weight"]
+        paths.append(folder / f"epoch={k}.ckpt")
+        torch.save({"state_dict": {"model." + key: value for key, value in epoch.items()}}, paths[-1])
+        epochs.append(epoch)
+    return paths, epochs
+
+
+def average_as_the_original_script(paths):
+    """The arithmetic of the original's utils/avg_checkpoints_original.py: the first checkpoint's tensors receive the
+    others' in place, key by key, and are then divided in place, key by key."""
+    total = None
+    for path in paths:
+        state = {k[len("model."):]: v for k, v in torch.load(path)["state_dict"].items()}
+        if total is None:
+            total = state
+            continue
+        for key in total:
+            total[key] += state[key]
+    for key in total:
+        total[key] /= len(paths)
+    return total
+
+
+def test_averaged_tied_checkpoint_rows_are_restored_from_the_base(tmp_path, components, caplog):
+    from transformers import LlamaForCausalLM
+
+    text_dir, audio_dir, text_config, whisper, base_vocab = components
+    state = original_state(text_config, whisper, base_vocab, 8, 2)
+    base_dir = save_base_llm(state, text_config, base_vocab, tmp_path / "base")
+
+    n = 4
+    paths, epochs = epoch_checkpoints(state, tmp_path, n)
+    averaged = average_as_the_original_script(paths)
+    embedding = state["llm.model.embed_tokens.weight"]
+    # The issue's arithmetic: the shared tensor is added and divided twice, (2N - 1) / N^2 of its value.
+    torch.testing.assert_close(averaged["llm.model.embed_tokens.weight"], embedding * (2 * n - 1) / n**2)
+    torch.save(averaged, tmp_path / f"model_avg_{n}.pth")
+    correct = {key: torch.stack([epoch[key] for epoch in epochs]).mean(0) for key in epochs[0]}
+
+    parts = dict(text_model=str(text_dir), audio_encoder=str(audio_dir), lora_scaling=0.5, prompt=PROMPT)
+    with caplog.at_level("WARNING"):
+        model, processor = convert_reference_checkpoint(tmp_path / f"model_avg_{n}.pth", base_model=base_dir,
+                                                        **parts)
+    assert "N = 4.00" in caplog.text and "Restored from the base" in caplog.text
+    weight = model.get_input_embeddings().weight
+    torch.testing.assert_close(weight[:base_vocab], embedding[:base_vocab], rtol=0, atol=0)
+    marker = processor.tokenizer.convert_tokens_to_ids("<audio>")
+    torch.testing.assert_close(weight[marker], embedding[base_vocab + 1])  # the added rows: divided by the factor
+    audio = (0.1 * np.random.default_rng(3).standard_normal(16000)).astype(np.float32)
+    with torch.no_grad():
+        ours = model(**processor(audio=[audio])).logits[0]
+        theirs = original_logits(correct, text_config, whisper, base_vocab, processor.tokenizer, audio, 0.5, 2)
+    torch.testing.assert_close(ours[:, :base_vocab], theirs[:, :base_vocab], atol=1e-4, rtol=1e-4)
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # without the base the rows cannot be checked: the user is told how
+        convert_reference_checkpoint(tmp_path / f"model_avg_{n}.pth", **parts)
+    assert "Pass base_model=" in caplog.text
+
+    other = LlamaForCausalLM(text_config)  # another LLM's rows are not a multiple of the checkpoint's: refused
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="not the LLM it was trained from"):
+        convert_reference_checkpoint(tmp_path / f"model_avg_{n}.pth", base_model=str(tmp_path / "other"), **parts)
+
+
+def test_lightning_checkpoint_equal_to_its_base_converts_quietly(tmp_path, components, caplog):
+    text_dir, audio_dir, text_config, whisper, base_vocab = components
+    state = original_state(text_config, whisper, base_vocab, 8, 2)
+    paths, _ = epoch_checkpoints(state, tmp_path, 1)
+    base_dir = save_base_llm(state, text_config, base_vocab, tmp_path / "base")
+    with caplog.at_level("WARNING"):
+        model, _ = convert_reference_checkpoint(paths[0], text_model=str(text_dir), audio_encoder=str(audio_dir),
+                                                lora_scaling=0.5, prompt=PROMPT, base_model=base_dir)
+    assert "base_model" not in caplog.text and "Restored" not in caplog.text
+    torch.testing.assert_close(model.get_input_embeddings().weight[:base_vocab],
+                               state["llm.model.embed_tokens.weight"][:base_vocab])

@@ -206,3 +206,136 @@ def test_trimmed_audio_window_trains_and_generates():
     loss = model(**inputs).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ---- partial last window: kept (ceil) or dropped as the original's AvgPool1d (floor) -----------------------------
+
+
+def test_dropped_partial_window_matches_avg_pool1d():
+    frames = torch.randn(3, 11, 5)
+    lengths = [11, 6, 8]  # partial last windows of 3 and 2 frames, and none
+    valid = torch.arange(11) < torch.tensor(lengths).unsqueeze(-1)
+    avg, avg_mask = compress(frames, valid, 4, "avg", "drop")
+    stack, stack_mask = compress(frames, valid, 4, "stack", "drop")
+    for b, length in enumerate(lengths):
+        # The original's rule on this sample's real frames alone: AvgPool1d(K) over time, floor(T / K) tokens.
+        expected = torch.nn.AvgPool1d(4)(frames[b, :length].T.unsqueeze(0))[0].T
+        n = expected.shape[0]
+        assert n == length // 4 and avg_mask[b].sum() == n and stack_mask[b].sum() == n
+        assert avg_mask[b, :n].all() and stack_mask[b, :n].all()
+        torch.testing.assert_close(avg[b, :n], expected)
+        torch.testing.assert_close(stack[b, :n], frames[b, : 4 * n].reshape(n, 4 * 5))
+
+
+@pytest.mark.parametrize("kind", ["avg", "stack"])
+def test_partial_window_drop_model_equals_avg_pool1d_of_encoder_frames(kind):
+    tokenizer = tiny_tokenizer()
+    config = tiny_config("asr", kind, audio_rate=4, tokenizer=tokenizer, partial_window="drop")
+    model = LlamaAVSRForConditionalGeneration(config).eval()
+    processor = tiny_processor("asr", 4, 2, tokenizer, partial_window="drop")
+    # 0.7 s -> 35 encoder frames (a partial window of 3), 0.96 s -> 48 (none), 1.1 s -> 55 (a partial window of 3).
+    audio = [(0.1 * torch.randn(n)).numpy() for n in (11200, 15360, 17600)]
+    inputs = processor(audio=audio, text=TARGETS[:3])
+    placeholders = (inputs["input_ids"] == config.audio_token_id).sum(-1).tolist()
+    assert placeholders == [35 // 4, 48 // 4, 55 // 4]
+    with torch.no_grad():
+        features, mask = model.get_audio_features(inputs["input_features"], inputs["feature_attention_mask"])
+        assert mask.sum(-1).tolist() == placeholders
+        assert torch.isfinite(model(**inputs).loss)
+        for b, n in enumerate(placeholders):
+            frames = model.model.audio_encoder(inputs["input_features"][b : b + 1]).last_hidden_state[0, : 4 * n]
+            if kind == "avg":
+                tokens = torch.nn.AvgPool1d(4)(frames.T.unsqueeze(0))[0].T
+            else:
+                tokens = frames.reshape(n, -1)
+            torch.testing.assert_close(features[b, :n], model.model.audio_projector(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_partial_window_processor_and_model_must_agree():
+    tokenizer = tiny_tokenizer()
+    model = LlamaAVSRForConditionalGeneration(tiny_config("vsr", tokenizer=tokenizer, partial_window="drop"))
+    processor = tiny_processor("vsr", 4, 2, tokenizer)  # keeps the partial window: one placeholder too many
+    video = random_clips(1, seconds=(0.6, 0.6))[0][1]  # 15 frames at rate 2
+    with pytest.raises(ValueError, match="video placeholders and video features do not match"):
+        model(**processor(videos=[video], text=TARGETS[:1]))
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    with pytest.raises(StrictDataclassFieldValidationError, match="partial_window"):
+        tiny_config("vsr", partial_window="floor")
+
+
+# ---- added-token rows -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_llms(tmp_path_factory):
+    """Tiny pretrained causal LMs, tied and untied, saved as from_components reads them (256-d: random rows are
+    then nearly orthogonal)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folders = {}
+    for tied in (True, False):
+        folder = tmp_path_factory.mktemp(f"llm_tied_{tied}")
+        tokenizer = tiny_tokenizer()
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                             initializer_range=0.05, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        LlamaForCausalLM(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[tied] = str(folder)
+    return folders
+
+
+def compose_vsr(text_model, seed, **kwargs):
+    from transformers import set_seed
+
+    set_seed(seed)
+    video = tiny_config("vsr").video_config
+    return LlamaAVSRForConditionalGeneration.from_components(
+        text_model=text_model, video_encoder=video, modality="vsr", projector_hidden_size=8, lora_rank=0, **kwargs
+    )
+
+
+def added_rows(model, weight):
+    vocab = model.config.base_components["text_vocab_size"]
+    return weight.detach()[vocab:], weight.detach()[:vocab]
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_added_token_rows_are_independent_draws_of_the_llm_init(tiny_llms, tied):
+    from transformers import LlamaForCausalLM
+
+    base = LlamaForCausalLM.from_pretrained(tiny_llms[tied])
+    model = compose_vsr(tiny_llms[tied], seed=1)
+    assert model.config.added_tokens_init == "random"
+    weights = [model.get_input_embeddings().weight]
+    base_weights = [base.get_input_embeddings().weight]
+    if not tied:
+        weights.append(model.lm_head.weight)
+        base_weights.append(base.lm_head.weight)
+    for weight, base_weight in zip(weights, base_weights):
+        new, old = added_rows(model, weight)
+        torch.testing.assert_close(old, base_weight.detach())
+        assert new.shape[0] == 6  # 4 markers, 2 placeholders
+        unit = torch.nn.functional.normalize(new, dim=-1)
+        cosines = (unit @ unit.T)[~torch.eye(len(new), dtype=torch.bool)]
+        assert cosines.abs().max() < 0.3, cosines  # 256-d independent draws: |cos| ~ 1/16
+        assert new.mean().abs() < 0.01 and new.std() == pytest.approx(0.05, rel=0.1)  # N(0, initializer_range^2)
+    if not tied:  # the LM head's rows are drawn on their own, not copied from the embedding's
+        assert not torch.allclose(added_rows(model, weights[0])[0], added_rows(model, weights[1])[0])
+    # Seeded: set_seed gives the same rows again, another seed other rows.
+    again = compose_vsr(tiny_llms[tied], seed=1).get_input_embeddings().weight
+    other = compose_vsr(tiny_llms[tied], seed=2).get_input_embeddings().weight
+    torch.testing.assert_close(again, weights[0])
+    assert not torch.allclose(added_rows(model, other)[0], added_rows(model, weights[0])[0])
+
+
+def test_added_token_rows_mean_option_is_transformers_mean_resizing(tiny_llms):
+    model = compose_vsr(tiny_llms[True], seed=1, added_tokens_init="mean")
+    assert model.config.added_tokens_init == "mean"
+    new, old = added_rows(model, model.get_input_embeddings().weight)
+    # Mean resizing samples N(mean, 1e-9 * covariance): every row is the mean embedding to ~1e-5.
+    torch.testing.assert_close(new, old.mean(0, keepdim=True).expand_as(new), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="added_tokens_init"):
+        compose_vsr(tiny_llms[True], seed=1, added_tokens_init="zeros")

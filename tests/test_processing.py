@@ -176,3 +176,60 @@ def test_training_clip_seconds_is_saved_and_checked(tmp_path):
     with pytest.raises(ValueError, match="shortest, longest"):
         LlamaAVSRProcessor(feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer,
                            training_clip_seconds=[3.0, 1.0])
+
+
+def test_original_settings_survive_save_and_load(tmp_path):
+    processor = tiny_processor("avsr", partial_window="drop", transcript_leading_space=False)
+    processor.save_pretrained(tmp_path / "original")
+    loaded = LlamaAVSRProcessor.from_pretrained(tmp_path / "original")
+    assert loaded.partial_window == "drop" and loaded.transcript_leading_space is False
+    tiny_processor("avsr").save_pretrained(tmp_path / "defaults")
+    defaults = LlamaAVSRProcessor.from_pretrained(tmp_path / "defaults")
+    assert defaults.partial_window == "keep" and defaults.transcript_leading_space is True
+    with pytest.raises(ValueError, match="partial_window"):
+        tiny_processor("avsr", partial_window="floor")
+
+
+def test_partial_window_token_counts():
+    clips = random_clips(3, seed=2, seconds=(0.5, 1.5))
+    audio, videos = [a for a, _ in clips], [v for _, v in clips]
+    for rule, rounding in (("keep", np.ceil), ("drop", np.floor)):
+        processor = tiny_processor("avsr", 4, 3, partial_window=rule)
+        ids = processor(audio=audio, videos=videos)["input_ids"]
+        for i, (clip, video) in enumerate(clips):
+            encoder_frames = int(np.ceil(np.ceil(len(clip) / 160) / 2))  # 10-ms mel hop, then a stride-2 conv
+            n_audio = int((ids[i] == processor.token_ids["audio_token_id"]).sum())
+            n_video = int((ids[i] == processor.token_ids["video_token_id"]).sum())
+            assert (n_audio, n_video) == (int(rounding(encoder_frames / 4)), int(rounding(len(video) / 3))), rule
+    # With "drop", a clip shorter than one window would give no token at all: refused.
+    with pytest.raises(ValueError, match="video 0 gives 2 encoder frames, fewer than the compression rate 3"):
+        tiny_processor("vsr", 4, 3, partial_window="drop")(videos=[videos[0][:2]])
+
+
+def byte_level_tokenizer():
+    """A small byte-level BPE (as Llama 3's and SmolLM2's are): a word's first piece differs with a leading space."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny import WORDS
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator([" ".join(WORDS), " ".join(reversed(WORDS))] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>")
+
+
+def test_transcript_tokenised_bare_as_the_original_or_after_a_space():
+    (audio, _), = random_clips(1)
+    transcript = "place blue at f two now"
+    for leading_space, tokenised in ((True, " " + transcript), (False, transcript)):
+        tokenizer = byte_level_tokenizer()
+        processor = tiny_processor("asr", tokenizer=tokenizer, transcript_leading_space=leading_space)
+        labels = processor(audio=[audio], text=[transcript])["labels"][0]
+        # What the tokenizer itself makes of the text (the original calls it on the bare transcript), then EOS.
+        expected = tokenizer(tokenised, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert labels[labels != -100].tolist() == expected
+    assert tokenizer(transcript)["input_ids"][0] != tokenizer(" " + transcript)["input_ids"][0]

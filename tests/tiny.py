@@ -18,7 +18,7 @@ def tiny_tokenizer():
     return tokenizer
 
 
-def tiny_processor(modality="avsr", audio_rate=4, video_rate=2, tokenizer=None):
+def tiny_processor(modality="avsr", audio_rate=4, video_rate=2, tokenizer=None, **kwargs):
     tokenizer = tokenizer or tiny_tokenizer()
     return LlamaAVSRProcessor(
         feature_extractor=WhisperFeatureExtractor(feature_size=80),
@@ -27,6 +27,7 @@ def tiny_processor(modality="avsr", audio_rate=4, video_rate=2, tokenizer=None):
         prompt="transcribe speech to text .",
         audio_compression_rate=audio_rate,
         video_compression_rate=video_rate,
+        **kwargs,
     )
 
 

@@ -2,26 +2,48 @@
 
 Batches are `LlamaAVSRProcessor` outputs with labels (left-padded; the collator may add more padding). Evaluation
 batches are the same teacher-forced batches: the eval loss uses them as they are, and the prompt-only inputs that
-`generate()` needs are rebuilt from them with `prompt_only` (the transcript and EOS are exactly the labelled tokens).
+`generate()` needs are rebuilt from them with `prompt_only` (the transcript and EOS are exactly the labelled tokens);
+the media are encoded once for both.
+
+Checkpoints and resumption. `checkpoint-N` folders are light checkpoints (`light_checkpoints`, on by default): only
+what training changes (LoRA, projectors, trained encoders, the added-token rows) in peft's adapter format, beside
+Trainer's optimizer, scheduler, RNG and trainer state; `save_model` still writes every weight. A resumed run is
+exact: the group_by_length order of an epoch is drawn from (seed, epoch), not from the global RNG, and the training
+collator is told the epoch (`set_epoch`) so that it can draw each utterance's augmentation from (seed, epoch,
+utterance) (`AVSRDataCollator` does).
 """
 
+import logging
+import os
 from collections.abc import Mapping
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 from transformers.trainer_utils import seed_worker
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from modeling_llama_avsr.modeling_llama_avsr import LlamaAVSRMediaTokens
 
 from .decorrelation import decorrelation_loss
 from .metrics import word_error_rate
 from .training_args import AVSRTrainingArguments
 
+logger = logging.getLogger(__name__)
+
 IGNORE_INDEX = -100
 # Keys of a teacher-forced batch that generate() must not see.
 TEACHER_FORCING_KEYS = ("labels", "logits_to_keep", "position_ids")
+# The media inputs of a batch, which the encoders turn into `media_tokens`.
+MEDIA_KEYS = ("input_features", "feature_attention_mask", "pixel_values_videos", "video_attention_mask")
+# Row columns that identify an utterance's media (the loaders' columns), for `cache_encoder_outputs`.
+MEDIA_KEY_COLUMNS = ("audio_path", "video_path")
 
 
 def prefix_mask(attention_mask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -65,23 +87,122 @@ class LogitsToKeepCollator:
 
     It runs in the data loader, on the host, before the batch moves to the device: the model then applies its LM head
     to the labelled end of the rows only (the prefix needs no logits) without a device-to-host synchronisation.
+
+    pad_to_multiple_of: also left-pad the token length, and round `logits_to_keep` up, to a multiple of this (masked
+        padding: exact), so that compiled layers and CUDA graphs see few shapes. Needs `pad_token_id`.
+    media_keys: add `media_keys`, each row's `audio_path` / `video_path`, for `cache_encoder_outputs`.
     """
 
-    def __init__(self, collator):
+    def __init__(self, collator, pad_to_multiple_of: int | None = None, pad_token_id: int | None = None,
+                 media_keys: bool = False):
+        if pad_to_multiple_of is not None and pad_token_id is None:
+            raise ValueError("pad_to_multiple_of needs the pad_token_id to pad with")
         self.collator = collator
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_token_id = pad_token_id
+        self.media_keys = media_keys
+
+    def set_epoch(self, epoch: int):
+        if hasattr(self.collator, "set_epoch"):
+            self.collator.set_epoch(epoch)
 
     def __call__(self, features):
         batch = self.collator(features)
         labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
+        if self.media_keys:
+            batch["media_keys"] = [_media_key(row) for row in features]
         if labels is None or "logits_to_keep" in batch or not isinstance(labels, torch.Tensor):
             return batch
         left_padded = attention_mask is None or bool(attention_mask[:, -1].all())
         labelled = labels.ne(IGNORE_INDEX)
         if left_padded and labelled.any() and labels.device.type == "cpu":
+            if self.pad_to_multiple_of is not None:
+                batch = self._pad_left(batch)
+                labels = batch["labels"]
+                labelled = labels.ne(IGNORE_INDEX)
             # The first labelled position needs the logits of the position before it (labels shift by one).
             first = torch.where(labelled.any(-1), labelled.to(torch.uint8).argmax(-1), labels.shape[-1])
-            batch["logits_to_keep"] = int(labels.shape[-1] - first.min()) + 1
+            keep = int(labels.shape[-1] - first.min()) + 1
+            if self.pad_to_multiple_of is not None:
+                keep = min(-(-keep // self.pad_to_multiple_of) * self.pad_to_multiple_of, labels.shape[-1])
+            batch["logits_to_keep"] = keep
         return batch
+
+    @property
+    def augments(self):
+        return getattr(self.collator, "augments", None)
+
+    def _pad_left(self, batch):
+        length = batch["input_ids"].shape[-1]
+        extra = -length % self.pad_to_multiple_of
+        if extra == 0:
+            return batch
+        fill = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "position_ids": 0}
+        for name, value in fill.items():
+            if isinstance(batch.get(name), torch.Tensor):
+                batch[name] = torch.nn.functional.pad(batch[name], (extra, 0), value=value)
+        return batch
+
+
+def _media_key(row) -> tuple:
+    key = tuple(row.get(column) for column in MEDIA_KEY_COLUMNS)
+    if all(part is None for part in key):
+        raise ValueError(f"cache_encoder_outputs identifies an utterance by its {MEDIA_KEY_COLUMNS} columns; this row "
+                         f"has neither (columns: {sorted(row)})")
+    return key
+
+
+def apply_liger_kernel_to_text_model(model, **kernel_config) -> None:
+    """Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on the language model inside a LlamaAVSR model.
+
+    Trainer's `use_liger_kernel` looks the model type up and finds nothing for "llama_avsr"; the text model's type
+    ("llama") has them. Liger patches that model's modules and its modeling module's RoPE function, as it does for a
+    plain Llama under Trainer. Its loss kernels stay off: the loss is ours, computed on `logits_to_keep` positions."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as e:
+        raise ImportError("use_liger_kernel needs Liger's kernels (Triton, so a GPU): pip install liger-kernel") from e
+
+    config = {"rope": True, "rms_norm": True, "swiglu": True, **kernel_config}
+    config.update(cross_entropy=False, fused_linear_cross_entropy=False)
+    _apply_liger_kernel_to_instance(model=model.model.language_model, **config)
+
+
+class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+    """transformers' group_by_length sampler, drawing each epoch's order from a generator seeded with seed + epoch
+    (as accelerate's seedable random sampler does) instead of the global RNG, whose state at the start of an epoch
+    a resumed run cannot reproduce. Trainer calls `set_epoch` before every epoch, the resumed one included."""
+
+    def __init__(self, batch_size: int, lengths, seed: int = 0):
+        super().__init__(batch_size, lengths=lengths)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+class _CollatorEpoch(TrainerCallback):
+    """Tells the training collator which epoch starts (DataLoader workers fork after this, so they see it too)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        if hasattr(self.trainer.data_collator, "set_epoch"):
+            # state.epoch is epoch + fraction done: an integer here, or mid-epoch when a run resumes
+            self.trainer.data_collator.set_epoch(int(state.epoch or 0))
+
+
+def _is_light_checkpoint(folder) -> bool:
+    from modeling_llama_avsr.modeling_llama_avsr import ADAPTER_WEIGHTS_NAME
+
+    folder = Path(folder)
+    return (folder / ADAPTER_WEIGHTS_NAME).is_file() and not any(folder.glob("model*.safetensors"))
 
 
 class EvalCollatorTrainer(Trainer):
@@ -128,6 +249,9 @@ class AVSRTrainer(EvalCollatorTrainer):
 
     Pass the processor as `processing_class`: it decodes predictions and gives the pad id. `eval_data_collator`, if
     given, builds the batches of evaluate() and predict() (`EvalCollatorTrainer`); `data_collator` the training ones.
+
+    Speed (AVSRTrainingArguments): compiled layers (`compile_decoder_layers`, `compile_mode`, `pad_to_multiple_of`),
+    `cache_encoder_outputs`, and `use_liger_kernel`, applied here to the text model.
     """
 
     def __init__(self, model=None, args: AVSRTrainingArguments | None = None, *trainer_args,
@@ -138,13 +262,62 @@ class AVSRTrainer(EvalCollatorTrainer):
             raise TypeError(f"AVSRTrainer needs AVSRTrainingArguments, got {type(args).__name__}")
         # Training batches are augmented; evaluation ones are not, or carry a fixed noise condition.
         super().__init__(model, args, *trainer_args, eval_data_collator=eval_data_collator, **kwargs)
+        self._check_processor()
         if self.data_collator is not None and not isinstance(self.data_collator, LogitsToKeepCollator):
-            self.data_collator = LogitsToKeepCollator(self.data_collator)
+            pad = self._pad_token_id() if args.pad_to_multiple_of is not None else None
+            self.data_collator = LogitsToKeepCollator(self.data_collator, args.pad_to_multiple_of, pad,
+                                                      media_keys=args.cache_encoder_outputs)
         if self.compute_metrics is None and self.processing_class is not None:
             self.compute_metrics = self._word_error_rate
         # Detached running sums of what compute_loss adds to the loss, per phase; reduced in log() / evaluation_loop.
         self._aux_sums = {"train": {}, "eval": {}}
         self._aux_counts = {"train": 0.0, "eval": 0.0}
+        self._saving_checkpoint = False
+        self.add_callback(_CollatorEpoch(self))
+        if self.args.early_stopping_patience is not None:
+            self.add_callback(EarlyStoppingCallback(self.args.early_stopping_patience,
+                                                    self.args.early_stopping_threshold))
+        if self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0:
+            logger.warning("dataloader_persistent_workers: the workers keep the collator of the first epoch, so its "
+                           "augmentation repeats every epoch and a resumed run draws other augmentation")
+        # cache_encoder_outputs: media key -> per-utterance (audio tokens, mask, video tokens, mask) on the device.
+        self._media_cache = {}
+        if args.cache_encoder_outputs:
+            self._check_cacheable()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        if args.use_liger_kernel:
+            apply_liger_kernel_to_text_model(unwrapped, **(args.liger_kernel_config or {}))
+        if args.compile_decoder_layers or args.compile_encoder_layers:
+            unwrapped.compile_layers(decoder=args.compile_decoder_layers, encoders=args.compile_encoder_layers,
+                                     mode=args.compile_mode)
+
+    def _check_processor(self):
+        """The processor places the placeholders with its own rates; they must be the model's (the training forward
+        on an accelerator does not re-count them, see `get_placeholder_mask`)."""
+        processor, config = self.processing_class, getattr(self.model, "config", None)
+        names = ["modality", "audio_compression_rate", "video_compression_rate", "partial_window"]
+        if getattr(processor, "video_output", None) == "uint8":
+            names += ["video_mean", "video_std"]
+        if processor is None or config is None or not all(hasattr(processor, n) for n in names):
+            return
+        wrong = {n: (getattr(processor, n), getattr(config, n)) for n in names
+                 if getattr(processor, n) != getattr(config, n, getattr(processor, n))}
+        if wrong:
+            raise ValueError("The processor does not match the model (processor value, model value): "
+                             + ", ".join(f"{n} {v}" for n, v in wrong.items()))
+
+    def _check_cacheable(self):
+        model = self.accelerator.unwrap_model(self.model)
+        trainable = [type(e).__name__ for e in model.model.encoders() if any(p.requires_grad for p in e.parameters())]
+        if trainable:
+            raise ValueError(f"cache_encoder_outputs needs frozen encoders; {trainable} train")
+        augments = getattr(self.data_collator, "augments", None)
+        if augments:
+            raise ValueError("cache_encoder_outputs needs a training collator without augmentation (noise, random "
+                             "crops, time masking): the cache would repeat each utterance's first draw")
+        if augments is None:
+            logger.warning("cache_encoder_outputs: the training collator does not say whether it augments (no "
+                           "`augments` attribute); the cache assumes that it does not.")
 
     # ---- loss ----------------------------------------------------------------------------------------------------
 
@@ -154,9 +327,18 @@ class AVSRTrainer(EvalCollatorTrainer):
             return self.loss_is_scaled_for_ga
         return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.compile_decoder_layers or self.args.compile_encoder_layers:
+            # CUDA-graph trees: the previous step's graph outputs are no longer needed (no-op without graphs).
+            torch.compiler.cudagraph_mark_step_begin()
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         weight = self.args.decorrelation_weight
         training = model.training
+        media_keys = inputs.pop("media_keys", None)
+        if media_keys is not None and training:
+            inputs = self._with_cached_media(inputs, media_keys)
         measure = weight > 0 or not training  # free in evaluation: no backward, hidden states are kept anyway
         if measure:
             inputs = {**inputs, "output_hidden_states": True}
@@ -194,9 +376,31 @@ class AVSRTrainer(EvalCollatorTrainer):
                 decor_term = decor
             if weight > 0:
                 loss = loss + weight * decor_term
-            logged["decor_loss"] = decor_term.detach() if training else decor.detach()
+            # Logged per micro-batch like the CE, so that a window's contributions add up to the step's mean whether
+            # or not training_step divides the loss by the GA steps afterwards.
+            logged["decor_loss"] = decor.detach() / ga_steps if training else decor.detach()
         self._accumulate(phase, logged, step_fraction)
         return (loss, outputs) if return_outputs else loss
+
+    def _with_cached_media(self, inputs, keys):
+        """The batch with its media replaced by `media_tokens`: from the cache if every utterance is in it, else
+        encoded now, and the utterances stored (no host read either way: padded rows are kept as they are)."""
+        media = {k: inputs[k] for k in MEDIA_KEYS if k in inputs}
+        inputs = {k: v for k, v in inputs.items() if k not in MEDIA_KEYS}
+        fields = ("audio_tokens", "audio_mask", "video_tokens", "video_mask")
+        if all(key in self._media_cache for key in keys):
+            rows = [self._media_cache[key] for key in keys]
+            encoded = {name: None if rows[0][i] is None else pad_sequence([row[i] for row in rows], batch_first=True)
+                       for i, name in enumerate(fields)}
+            inputs["media_tokens"] = LlamaAVSRMediaTokens(**encoded)
+            return inputs
+        with torch.no_grad():
+            tokens = self.accelerator.unwrap_model(self.model).encode_media(**media)
+        for b, key in enumerate(keys):
+            self._media_cache[key] = tuple(None if getattr(tokens, f) is None else getattr(tokens, f)[b]
+                                           for f in fields)
+        inputs["media_tokens"] = tokens
+        return inputs
 
     def _accumulate(self, phase, values, count):
         sums = self._aux_sums[phase]
@@ -222,7 +426,58 @@ class AVSRTrainer(EvalCollatorTrainer):
             logs = {**logs, **self._reduce_aux("train")}
         super().log(logs, start_time)
 
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        self._saving_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._saving_checkpoint = False
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """checkpoint-N: a light checkpoint (see the module docstring); anything else (save_model): every weight.
+        Sharded models (DeepSpeed, FSDP) keep Trainer's own saving."""
+        if not (self._saving_checkpoint and self.args.light_checkpoints) or self.is_deepspeed_enabled \
+                or self.is_fsdp_enabled:
+            return super()._save(output_dir, state_dict)
+        from modeling_llama_avsr.hub import save_light_checkpoint
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_light_checkpoint(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), output_dir,
+                              require_base=False)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not _is_light_checkpoint(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from modeling_llama_avsr.modeling_llama_avsr import load_light_weights
+
+        logger.info("Loading the trained tensors of %s", resume_from_checkpoint)
+        load_light_weights(self.accelerator.unwrap_model(model if model is not None else self.model),
+                           resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if not _is_light_checkpoint(self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        from modeling_llama_avsr.modeling_llama_avsr import load_light_weights
+
+        logger.info("Loading best model from %s (score: %s).", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        load_light_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
     # ---- batching ------------------------------------------------------------------------------------------------
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:  # its global-RNG order would not survive a resumption
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            sampler = EpochSeededLengthGroupedSampler(sampler.batch_size, sampler.lengths, seed=seed)
+        return sampler
 
     def get_train_dataloader(self):
         """Fixed batch sizes (Trainer's own), or batches filled up to `max_frames_per_batch` video frames."""
@@ -263,6 +518,11 @@ class AVSRTrainer(EvalCollatorTrainer):
         Only the new tokens come back, never logits or hidden states, so nothing large is gathered."""
         inputs = self._prepare_inputs(inputs)
         labels = inputs.get("labels")
+        if labels is not None and not prediction_loss_only and any(k in inputs for k in MEDIA_KEYS):
+            # The loss and generate() see the same media: encode them once for both.
+            media = {k: inputs.pop(k) for k in MEDIA_KEYS if k in inputs}
+            with torch.no_grad():
+                inputs["media_tokens"] = self.accelerator.unwrap_model(model).encode_media(**media)
         loss = None
         if labels is not None:
             loss, _, _ = super().prediction_step(model, inputs, prediction_loss_only=True, ignore_keys=ignore_keys)
@@ -303,4 +563,5 @@ class AVSRTrainer(EvalCollatorTrainer):
                                        decode(references, skip_special_tokens=True))}
 
 
-__all__ = ["AVSRTrainer", "prompt_only"]
+__all__ = ["AVSRTrainer", "EpochSeededLengthGroupedSampler", "EvalCollatorTrainer", "apply_liger_kernel_to_text_model",
+           "prompt_only"]

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .hooks import decoder_of
+from .hooks import decoder_of, measure
+from .statistics import SINK_MIN_QUERIES, SINK_THRESHOLD, detect_sinks
 
 
 @dataclass
@@ -73,9 +74,14 @@ def _down_rows(down_proj: torch.nn.Module, features, width: int, like: torch.Ten
 
 
 @torch.no_grad()
-def mlp_origin(model, inputs, layer: int, features, tokens, sample: int = 0, top_units: int = 3) -> MLPOrigin:
-    """Attribution of `features` at decoder layer `layer` for one sample; `tokens` are the sink positions whose
-    activations are compared with the rest. `inputs` is a dict of model inputs."""
+def mlp_origin(model, inputs, layer: int, features, tokens=None, sample: int = 0, top_units: int = 3,
+               threshold: float = SINK_THRESHOLD, min_queries: int = SINK_MIN_QUERIES) -> MLPOrigin:
+    """Attribution of `features` at decoder layer `layer` for one sample; `inputs` is a dict of model inputs.
+
+    tokens: the sink positions (tensor positions) whose activations are compared with the rest. By default they come
+    from attention, not from the activations themselves (which would make "massive activations occur on sinks"
+    circular): the BOS and the intermediate sinks that `detect_sinks` finds in decoder layer `layer` + 1, the first
+    attention that reads what this layer's MLP wrote (layer `layer` itself for the last layer)."""
     decoder = decoder_of(model)
     block = decoder.layers[layer]
     mlp = block.mlp
@@ -91,7 +97,13 @@ def mlp_origin(model, inputs, layer: int, features, tokens, sample: int = 0, top
         mlp.register_forward_hook(lambda m, a, out: seen.update(mlp_in=a[0], mlp_out=out)),
     ]
     try:
-        model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False)
+        if tokens is None:
+            run = measure(model, inputs)  # the same forward feeds the hooks
+            sinks = detect_sinks(run.relative_scores, run.attention_mask, threshold, min_queries, run.window)
+            reader = min(layer + 1, len(decoder.layers) - 1)
+            tokens = sinks.mask[sample, reader].nonzero().flatten().tolist()
+        else:
+            model(**inputs, use_cache=False)
     finally:
         for hook in hooks:
             hook.remove()
@@ -108,6 +120,8 @@ def mlp_origin(model, inputs, layer: int, features, tokens, sample: int = 0, top
     # Positions in the sample's own (unpadded) coordinates from here on.
     offset = int(valid.long().argmax()) if mask is not None else 0
     own_tokens = [t - offset for t in tokens]
+    if not own_tokens:
+        raise ValueError(f"No sink token in decoder layer {layer} + 1 of sample {sample} to attribute: pass tokens=")
     units = contributions[own_tokens].abs().sum(0).topk(top_units, dim=-1).indices  # (F, k)
     return MLPOrigin(
         layer=layer, features=features, tokens=own_tokens,

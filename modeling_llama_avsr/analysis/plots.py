@@ -1,5 +1,6 @@
-"""The paper's figures as PNG files (matplotlib, Agg backend). Each function takes plain tensors for one sample, so it
-can be fed from a report, a notebook or a test. Token positions are the sample's own (padding removed)."""
+"""The paper's figures as PNG files (matplotlib, Agg backend). Each function takes plain tensors (or report entries)
+for one sample, so it can be fed from a report, a notebook or a test, and returns the file's path (or, given path None,
+the matplotlib Figure). Token positions are the sample's own (padding removed)."""
 
 import logging
 
@@ -47,6 +48,9 @@ def _type_band(ax, types, plt, legend: bool = True):
 
 
 def _save(fig, path, plt):
+    """Write the figure and return its path; with path None, return the open Figure instead (notebooks)."""
+    if path is None:
+        return fig
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     logger.info("wrote %s", path)
@@ -99,12 +103,15 @@ def plot_activations_3d(hidden, types, path, layer: int, top_features: int = 3):
     return _save(fig, path, plt)
 
 
-def plot_emergence(scores, bos_index: int, intermediate, top_values, medians, path, origin=None, threshold=None):
-    """Fig. 2: (a) attention score of BOS and of the strongest non-BOS token per layer, with the number of
-    intermediate sinks; (b) largest |H| and median |H| per hidden-states entry; (c) optionally, at the layer where
-    massive activations first appear, the massive feature split into residual input, attention output and MLP output."""
+def plot_emergence(relative_scores, bos_index: int, intermediate, top_values, medians, path, origin=None,
+                   threshold=None):
+    """Fig. 2: (a) the sink statistic (relative score, statistics.relative_attention_scores) of BOS and of the
+    strongest non-BOS token per layer, with the number of intermediate sinks (NaN entries: tokens too close to the end
+    to be judged, left out); (b) largest |H| and median |H| per hidden-states entry; (c) optionally, at the layer where
+    massive activations first appear, the massive feature split into residual input, attention output and MLP
+    output."""
     plt = _pyplot()
-    scores, intermediate = _np(scores), _np(intermediate).astype(bool)
+    scores, intermediate = _np(relative_scores), _np(intermediate).astype(bool)
     top_values, medians = _np(top_values), _np(medians)
     layers = np.arange(scores.shape[0])
     panels = 3 if origin is not None else 2
@@ -112,13 +119,15 @@ def plot_emergence(scores, bos_index: int, intermediate, top_values, medians, pa
     ax = axes[0]
     others = np.delete(scores, bos_index, axis=1)
     ax.plot(layers, scores[:, bos_index], "o-", color=TYPE_COLORS[1], label="BOS")
-    ax.plot(layers, others.max(1), "s-", color="#1f77b4", label="strongest non-BOS token")
-    ax.plot(layers, np.median(others, 1), "--", color="#7f7f7f", label="median non-BOS token")
+    if np.isfinite(others).any():
+        ax.plot(layers, np.nanmax(others, 1), "s-", color="#1f77b4", label="strongest non-BOS token")
+        ax.plot(layers, np.nanmedian(others, 1), "--", color="#7f7f7f", label="median non-BOS token")
     if threshold is not None:
-        ax.plot(layers, threshold, ":", color="black", label="sink threshold")
+        ax.axhline(threshold, linestyle=":", color="black", label="sink threshold")
+    ax.axhline(1.0, linestyle="-", color="#bbbbbb", linewidth=0.8, label="uniform causal attention")
     ax.set_yscale("log")
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("attention score α (log)")
+    ax.set_ylabel("attention received, x uniform (log)")
     ax.set_title("(a) Emergence of attention sinks")
     twin = ax.twinx()
     twin.bar(layers, intermediate.sum(1), alpha=0.25, color="#2ca02c", label="# intermediate sinks")
@@ -195,29 +204,34 @@ def plot_bos_cosine(cosine, sink_tokens, pairwise, types, path, layer: int):
     return _save(fig, path, plt)
 
 
-def plot_intervention(before, after, token: int, layer: int, path, description: str, feature: int | None = None):
-    """Fig. 4: the rotated token's attention score per layer and its largest activation (or `feature`) per
-    hidden-states entry, before and after the rotation at `layer`."""
+def plot_intervention(effect: dict, path, feature: int | None = None):
+    """Fig. 4 from one entry of the report's "interventions": each rotated token's attention score per layer and its
+    largest activation (or |H| at `feature`, when the traces have it) per hidden-states entry, before and after the
+    rotation into layer effect["layer"]. Tokens are named by their position in the sample (padding removed)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for run, style, label in ((before, "o-", "before"), (after, "s--", "after")):
-        axes[0].plot(np.arange(run.scores.shape[1]), _np(run.scores[0, :, token]), style, label=label)
-        hidden = torch.stack([h[0, token] for h in run.hidden_states])
-        values = hidden[:, feature].abs() if feature is not None else hidden.abs().amax(-1)
-        axes[1].plot(np.arange(len(values)), _np(values), style, label=label)
+    colors = plt.get_cmap("tab10")
+    use_feature = feature is not None and all("feature_value" in t for t in effect["before"] + effect["after"])
+    for index, token in enumerate(effect["tokens"]):
+        color = colors(index % 10)
+        for trace, style, when in ((effect["before"][index], "o-", "before"), (effect["after"][index], "s--", "after")):
+            label = f"token {token}, {when}"
+            axes[0].plot(np.arange(len(trace["score"])), trace["score"], style, color=color, label=label)
+            values = trace["feature_value"] if use_feature else trace["max_abs_activation"]
+            axes[1].plot(np.arange(len(values)), values, style, color=color, label=label)
+    layer = effect["layer"]
     axes[0].set_xlabel("decoder layer")
-    axes[0].set_ylabel(f"attention score α of token {token}")
+    axes[0].set_ylabel("attention score α (eq. 5)")
     axes[0].set_yscale("log")
     axes[0].set_title("(a) Attention received")
-    axes[1].set_xlabel("hidden-states entry (l = output of decoder layer l-1)")
-    what = f"|H[{token}, {feature}]|" if feature is not None else f"max_j |H[{token}, j]|"
-    axes[1].set_ylabel(f"{what} (log)")
+    axes[1].set_xlabel(f"hidden-states entry (l = output of decoder layer l-1; entry {layer}: the rotated input)")
+    axes[1].set_ylabel(f"|H[i, {feature}]| (log)" if use_feature else "max_j |H[i, j]| (log)")
     axes[1].set_yscale("log")
     axes[1].set_title("(b) Activation magnitude")
     for ax in axes:
         ax.axvline(layer, color="black", linestyle=":", label=f"rotation into layer {layer}")
-        ax.legend(fontsize=8)
-    fig.suptitle(description)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{effect['description']} (targets {effect['targets']}), layer {layer}")
     fig.tight_layout()
     return _save(fig, path, plt)
 

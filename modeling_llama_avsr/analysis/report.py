@@ -12,8 +12,11 @@ from .hooks import measure
 from .interventions import rotate_hidden_state
 from .origin import mlp_origin
 from .statistics import (
+    SINK_MIN_QUERIES,
+    SINK_THRESHOLD,
     bos_cosine_similarity,
     detect_sinks,
+    distant_query_counts,
     first_massive_layer,
     layer_statistics,
     massive_activations,
@@ -33,33 +36,50 @@ def _sample_view(tensor, valid, dim):
     return tensor.index_select(dim, index)
 
 
-def _rotation_effect(model, inputs, before, layer, token, toward, sinks, tau, threshold):
-    """Run the rotation, return (after measurement, JSON summary). Positions are tensor positions of sample 0."""
-    with rotate_hidden_state(model, layer, token, toward=toward, sinks=sinks) as rotation:
+def _trace(run, hidden_states, sinks, token, mask, tau, feature=None) -> dict:
+    """Sample 0's token `token` (tensor position) across layers: eq. 5 and relative scores, the layers where it is a
+    sink, its largest |H| (and |H| at `feature`) per entry of `hidden_states` and the entries where it is massive."""
+    massive = [int(entry) for entry, h in enumerate(hidden_states)
+               if massive_activations(h[:1], None if mask is None else mask[:1], tau)[0, token].any()]
+    trace = {"score": [round(float(s), 5) for s in run.scores[0, :, token]],
+             "relative_score": [round(float(s), 3) for s in run.relative_scores[0, :, token]],
+             "sink_layers": sinks.mask[0, :, token].nonzero().flatten().tolist(),
+             "max_abs_activation": [round(float(h[0, token].abs().max()), 3) for h in hidden_states],
+             "massive_entries": massive}
+    if feature is not None:
+        trace["feature_value"] = [round(float(h[0, token, feature].abs()), 3) for h in hidden_states]
+    return trace
+
+
+def _rotation_effect(model, inputs, before, before_sinks, layer, tokens, toward, others, tau, rule, feature, own):
+    """Run one rotation; return (after measurement, JSON summary in sample-0 positions). `tokens` and `others` are
+    tensor positions of sample 0. Traces read the honest tuple: entry `layer` is what layer `layer` received."""
+    with rotate_hidden_state(model, layer, tokens, toward=toward, sinks=others) as rotation:
         after = measure(model, inputs)
     mask = inputs.get("attention_mask")
-    uniform = 1.0 / (mask[0].sum().item() if mask is not None else inputs["input_ids"].shape[1])
-
-    def trace(run):
-        massive = [int(l) for l, h in enumerate(run.hidden_states)
-                   if massive_activations(h[:1], None if mask is None else mask[:1], tau)[0, token].any()]
-        return {"score": [round(float(s), 5) for s in run.scores[0, :, token]],
-                "sink_layers": [l for l, s in enumerate(run.scores[0, :, token].tolist()) if s > threshold * uniform],
-                "max_abs_activation": [round(float(h[0, token].abs().max()), 3) for h in run.hidden_states],
-                "massive_entries": massive}
-
-    return after, {"layer": layer, "token": token, "toward": toward if isinstance(toward, str) else int(toward),
-                   "target": rotation.targets[0], "before": trace(before), "after": trace(after)}
+    after_sinks = detect_sinks(after.relative_scores, mask, window=after.window, **rule)
+    after_states = rotation.traced(after.raw_hidden_states)
+    effect = {"layer": layer, "tokens": [own(t) for t in tokens],
+              "toward": toward if isinstance(toward, str) else own(toward),
+              "targets": [own(t) for t in rotation.targets[0]],
+              "before": [_trace(before, before.raw_hidden_states, before_sinks, t, mask, tau, feature) for t in tokens],
+              "after": [_trace(after, after_states, after_sinks, t, mask, tau, feature) for t in tokens]}
+    return after, effect
 
 
 @torch.no_grad()
-def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: float = 5.0, tau: float = 1000.0,
-            top_k: int = 5, interventions: bool = True, figure_layer: int | None = None) -> dict:
-    """The paper's analysis of sample 0 of `inputs` (a dict of model inputs; statistics that are cheap are also given
-    for the whole batch). types: (B, N) token types (see tokens.py), tokens: sample 0's token strings (for the
-    report). Writes `report.json`, `summary.md` and the figures to `out_dir` when given; returns the report dict."""
+def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: float = SINK_THRESHOLD,
+            tau: float = 1000.0, top_k: int = 5, interventions: bool = True, figure_layer: int | None = None,
+            min_queries: int = SINK_MIN_QUERIES, eq8_toward: str = "nearest") -> dict:
+    """The paper's analysis of sample 0 of `inputs` (a dict of model inputs, labels included if any; statistics that
+    are cheap are also given for the whole batch), under whatever attention the model runs (ACT included).
+
+    types: (B, N) token types (see tokens.py); tokens: sample 0's token strings (for the report). threshold,
+    min_queries: the sink rule (statistics.detect_sinks). eq8_toward: eq. 8's f(i), "nearest" (position) or
+    "most_similar" (cosine). Writes `report.json`, `summary.md` and the figures to `out_dir` when given; returns the
+    report dict (plain JSON values). Per-layer activation statistics read each decoder layer's own output (the last
+    one before the final norm; `final_norm` gives the normed entry)."""
     model.eval()
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
     mask = inputs.get("attention_mask")
     run = measure(model, inputs)
     batch, num_layers, length = run.scores.shape
@@ -68,9 +88,12 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         types = torch.full((batch, length), PROMPT)
         types[0, int(valid.long().argmax())] = BOS
         types[0, ~valid] = PAD
-    sinks = detect_sinks(run.scores, mask, threshold)
-    stats = layer_statistics(run.hidden_states, mask, top_k, tau)
-    cosine = bos_cosine_similarity(run.hidden_states, mask)
+    rule = {"threshold": threshold, "min_queries": min_queries}
+    sinks = detect_sinks(run.relative_scores, mask, window=run.window, **rule)
+    hidden = run.raw_hidden_states
+    stats = layer_statistics(hidden, mask, top_k, tau)
+    normed = layer_statistics(run.hidden_states[-1:], mask, 1, tau)
+    cosine = bos_cosine_similarity(hidden, mask)
     offset = int(valid.long().argmax())  # sample-0 tensor position of its BOS (left padding)
 
     def own(position):  # tensor position -> sample-0 position
@@ -82,6 +105,7 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         layers.append({
             "layer": layer,
             "bos_score": round(float(run.scores[0, layer, offset]), 5),
+            "bos_relative_score": round(float(run.relative_scores[0, layer, offset]), 3),
             "bos_is_sink": bool(sinks.bos[0, layer]),
             "intermediate_sinks": [own(p) for p in sinks.positions(0, layer)],
             "intermediate_sink_types": [TOKEN_TYPE_NAMES[int(types[0, p])] for p in sinks.positions(0, layer)],
@@ -97,7 +121,7 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
     sink_positions = sorted({p for l in range(num_layers) for p in sinks.positions(0, l)})
     first_entry = first_massive_layer(stats)
     report = {
-        "num_layers": num_layers, "num_tokens": int(valid.sum()), "threshold": threshold, "tau": tau,
+        "num_layers": num_layers, "num_tokens": int(valid.sum()), "sink_rule": sinks.rule(), "tau": tau,
         "tokens": tokens, "token_types": [TOKEN_TYPE_NAMES[int(t)] for t in types[0][valid]],
         "bos_sink_layers": bos_sink_layers,
         "intermediate_sinks": {own(p): [l for l in range(num_layers) if sinks.intermediate[0, l, p]]
@@ -105,10 +129,14 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         "first_massive_entry": first_entry,
         "massive_features": sorted({f for l in layers for f in l["massive_features"]}),
         "max_ratio": round(float(stats.ratio[0].max()), 2),
+        "final_norm": {"ratio": round(float(normed.ratio[0, 0]), 2),
+                       "massive_tokens": [own(p) for p in normed.massive_tokens[0][0]],
+                       "massive_features": normed.massive_features[0][0]},
         "layers": layers,
         "batch": {
             "intermediate_sinks_per_sample": sinks.intermediate.any(1).sum(-1).tolist(),
             "max_ratio_per_sample": [round(float(r), 2) for r in stats.ratio.amax(1)],
+            "sinks": sinks.summary(types),
         },
     }
     report["cos_to_bos"] = {
@@ -121,35 +149,46 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
 
     origin = None
     if first_entry is not None and first_entry > 0:
+        # The MLP of decoder layer first_entry - 1 makes the first massive activations; its sink group comes from
+        # attention: the sinks of the next layer, the first attention that reads them.
+        origin_layer = first_entry - 1
+        reader = min(first_entry, num_layers - 1)
+        sink_group = sinks.mask[0, reader].nonzero().flatten().tolist()
         features = stats.massive_features[0][first_entry]
-        by_size = sorted(features, key=lambda f: -float(run.hidden_states[first_entry][0, :, f].abs().max()))[:3]
-        origin = mlp_origin(model, inputs, first_entry - 1, by_size, stats.massive_tokens[0][first_entry])
-        report["mlp_origin"] = origin.summary()
+        by_size = sorted(features, key=lambda f: -float(hidden[first_entry][0, :, f].abs().max()))[:3]
+        if sink_group:
+            origin = mlp_origin(model, inputs, origin_layer, by_size, sink_group)
+            report["mlp_origin"] = {**origin.summary(), "sink_group_from_layer": reader}
+        else:
+            report["mlp_origin"] = {"layer": origin_layer, "skipped": f"no attention sink in layer {reader}"}
 
+    feature = stats.top_features[0, first_entry, 0].item() if first_entry is not None else None
     rotations = []
     if interventions:
-        # Eq. 8: the intermediate sink that is a sink in most layers, rotated into the first layer where it is one.
+        # Eq. 8: the intermediate sinks of one layer rotated at once (the paper rotates {20, 21} together) toward
+        # their f(i), into the first layer where the most persistent intermediate sink is one.
         if sink_positions:
-            counts = sinks.intermediate[0].sum(0)
-            token = int(counts.argmax())
-            layer = int(sinks.intermediate[0, :, token].nonzero()[0])
-            others = [p for p in sink_positions if p != token]
-            after, effect = _rotation_effect(model, inputs, run, layer, token, "nearest", others, tau, threshold)
-            effect["description"] = f"eq. 8: intermediate sink {own(token)} rotated toward its nearest non-sink token"
+            persistent = int(sinks.intermediate[0].sum(0).argmax())
+            layer = int(sinks.intermediate[0, :, persistent].nonzero()[0])
+            chosen = sinks.positions(0, layer)
+            others = [p for p in sink_positions if p not in chosen]
+            after, effect = _rotation_effect(model, inputs, run, sinks, layer, chosen, eq8_toward, others, tau, rule,
+                                             feature, own)
+            effect["description"] = (f"eq. 8: intermediate sinks {effect['tokens']} rotated toward f(i) "
+                                     f"({eq8_toward})")
             rotations.append((after, effect))
-        # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made.
+        # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made;
+        # among the tokens that enough queries see from afar, or the rule could not tell whether it became a sink.
+        judged = distant_query_counts(valid[None], 1, len(valid), sinks.window)[0] >= sinks.min_queries
         ordinary = [p for p in valid.nonzero().flatten().tolist()
-                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS)]
+                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS) and judged[p]]
         if ordinary:
             layer = (first_entry - 1) if first_entry else min(2, num_layers - 1)
-            entry_cos = cosine[0, layer, ordinary]
-            token = ordinary[int(entry_cos.argmin())]
-            after, effect = _rotation_effect(model, inputs, run, layer, token, "bos", (), tau, threshold)
+            token = ordinary[int(cosine[0, layer, ordinary].argmin())]
+            after, effect = _rotation_effect(model, inputs, run, sinks, layer, [token], "bos", [], tau, rule,
+                                             feature, own)
             effect["description"] = f"eq. 9: ordinary token {own(token)} rotated toward BOS"
             rotations.append((after, effect))
-        for _, effect in rotations:
-            effect["token"] = own(effect["token"])
-            effect["target"] = own(effect["target"])
         report["interventions"] = [effect for _, effect in rotations]
 
     figure_layer = figure_layer if figure_layer is not None else _figure_entry(run.scores, sinks, stats, offset)
@@ -157,38 +196,36 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report["figures"] = _figures(out, run, valid, types[0][valid], sinks, stats, cosine, origin, rotations,
-                                     figure_layer, threshold)
+        report["figures"] = _figures(out, run, hidden, valid, types[0][valid], sinks, stats, cosine, origin,
+                                     report.get("interventions", []), figure_layer, feature)
         (out / "report.json").write_text(json.dumps(report, indent=1))
         (out / "summary.md").write_text(summary_markdown(report))
         logger.info("wrote %s and %s", out / "report.json", out / "summary.md")
     return report
 
 
-def _figures(out, run, valid, types, sinks, stats, cosine, origin, rotations, figure_layer, threshold):
+def _figures(out, run, hidden, valid, types, sinks, stats, cosine, origin, effects, figure_layer, feature):
     scores = _sample_view(run.scores[0], valid, 1)
     n = int(valid.sum())
     figures = {"attention_scores": plots.plot_attention_scores(
         scores, types, out / "fig1_attention_scores.png",
         title=f"Attention score per layer (eq. 5), {n} tokens")}
     entry = figure_layer
-    hidden = _sample_view(run.hidden_states[entry][0], valid, 0)
-    figures["activations_3d"] = plots.plot_activations_3d(hidden, types, out / "fig1d_activations_3d.png", entry)
+    state = _sample_view(hidden[entry][0], valid, 0)
+    figures["activations_3d"] = plots.plot_activations_3d(state, types, out / "fig1d_activations_3d.png", entry)
     intermediate = _sample_view(sinks.intermediate[0], valid, 1)
-    bos = 0
+    eligible = distant_query_counts(valid[None], 1, len(valid), sinks.window)[0] >= sinks.min_queries
+    relative = torch.where(eligible[None, :], run.relative_scores[0].cpu(), float("nan"))
     figures["emergence"] = plots.plot_emergence(
-        scores, bos, intermediate, stats.top_values[0, :, 0], stats.median[0], out / "fig2_emergence.png",
-        origin=origin, threshold=[threshold / n] * scores.shape[0])
+        _sample_view(relative, valid, 1), 0, intermediate, stats.top_values[0, :, 0], stats.median[0],
+        out / "fig2_emergence.png", origin=origin, threshold=sinks.threshold)
     sink_tokens = sorted({int(p) for p in intermediate.any(0).nonzero().flatten()})
     figures["bos_cosine"] = plots.plot_bos_cosine(
-        _sample_view(cosine[0], valid, 1), sink_tokens, pairwise_cosine(hidden), types, out / "fig3_bos_cosine.png",
+        _sample_view(cosine[0], valid, 1), sink_tokens, pairwise_cosine(state), types, out / "fig3_bos_cosine.png",
         entry)
-    for index, (after, effect) in enumerate(rotations):
-        offset = int(valid.long().argmax())
-        feature = stats.top_features[0, entry, 0].item() if stats.massive_counts[0].sum() > 0 else None
+    for index, effect in enumerate(effects):
         figures[f"intervention_{index}"] = plots.plot_intervention(
-            run, after, effect["token"] + offset, effect["layer"], out / f"fig4_intervention_{index}.png",
-            f"{effect['description']} (target {effect['target']}), layer {effect['layer']}", feature=feature)
+            effect, out / f"fig4_intervention_{index}.png", feature=feature)
     return figures
 
 
@@ -214,9 +251,12 @@ def summary_markdown(report: dict) -> str:
         text = f" {tokens[position]!r}" if tokens else ""
         return f"{position} ({kind}{text})"
 
+    rule = report["sink_rule"]
     lines = ["# Attention sinks and massive activations", "",
-             f"{report['num_tokens']} tokens, {report['num_layers']} decoder layers; sink: score > "
-             f"{report['threshold']:g} / N; massive: |H| >= {report['tau']:g} x median(|H|).", ""]
+             f"{report['num_tokens']} tokens, {report['num_layers']} decoder layers; sink: the queries at least "
+             f"{rule['window']} positions later (at least {rule['min_queries']} of them) give the token more than "
+             f"{rule['threshold']:g} x the attention of uniform causal attention; massive: |H| >= {report['tau']:g} x "
+             "median(|H|).", ""]
     bos = report["bos_sink_layers"]
     lines.append(f"- BOS sink in {len(bos)} of {report['num_layers']} layers: {_ranges(bos)}")
     if report["intermediate_sinks"]:
@@ -233,8 +273,13 @@ def summary_markdown(report: dict) -> str:
         lines.append(f"- tokens with massive activations: {[name(t) for t in tokens_with]}")
     else:
         lines.append(f"- no massive activations (largest / median ratio {report['max_ratio']:.0f})")
-    if "mlp_origin" in report:
-        origin = report["mlp_origin"]
+    final = report["final_norm"]
+    lines.append(f"- after the final norm: largest / median ratio {final['ratio']:.0f}, massive features "
+                 f"{final['massive_features'] or 'none'}")
+    origin = report.get("mlp_origin", {})
+    if "skipped" in origin:
+        lines.append(f"- origin at decoder layer {origin['layer']} not attributed: {origin['skipped']}")
+    if "features" in origin:
         for feature, parts in origin["features"].items():
             lines.append(f"- origin of feature {feature} at decoder layer {origin['layer']} (sink tokens): layer input "
                          f"{parts['residual_in']['sink']:.1f}, attention output {parts['attention_out']['sink']:.1f}, "
@@ -248,10 +293,12 @@ def summary_markdown(report: dict) -> str:
     else:
         lines.append(f"- cos to BOS at entry {middle}: tokens {cos['non_sinks'][middle]:.2f}")
     for effect in report.get("interventions", []):
-        before, after = effect["before"], effect["after"]
-        lines.append(f"- {effect['description']} (target {effect['target']}) into layer {effect['layer']}: sink layers "
-                     f"{_ranges(before['sink_layers'])} -> {_ranges(after['sink_layers'])}; massive entries "
-                     f"{_ranges(before['massive_entries'])} -> {_ranges(after['massive_entries'])}")
+        lines.append(f"- {effect['description']}, into layer {effect['layer']}:")
+        for token, target, before, after in zip(effect["tokens"], effect["targets"], effect["before"],
+                                                effect["after"]):
+            lines.append(f"  - token {name(token)} toward {target}: sink layers {_ranges(before['sink_layers'])} -> "
+                         f"{_ranges(after['sink_layers'])}; massive entries {_ranges(before['massive_entries'])} -> "
+                         f"{_ranges(after['massive_entries'])}")
     if "figures" in report:
         lines += ["", "## Figures", ""] + [f"- {key}: `{Path(path).name}`" for key, path in report["figures"].items()]
     return "\n".join(lines) + "\n"
@@ -280,21 +327,48 @@ def _ranges(values) -> str:
 def add_analyze_arguments(parser):
     parser.add_argument("--model", required=True,
                         help="a saved LlamaAVSR folder, or any causal LM folder / offline name (e.g. smollm2-135m)")
-    parser.add_argument("--data", help="synthetic corpus directory (LlamaAVSR models)")
-    parser.add_argument("--split", default="validation", help="corpus split to probe")
+    parser.add_argument("--data", help="LlamaAVSR models: the synthetic corpus directory, or the LRS2/LRS3 root")
+    parser.add_argument("--dataset", default="synthetic", choices=["synthetic", "lrs2", "lrs3"],
+                        help="what --data holds (LRS2/LRS3 read by modeling_llama_avsr.data.load_lrs)")
+    parser.add_argument("--layout", default="auto", choices=["auto", "auto_avsr", "raw"],
+                        help="LRS2/LRS3 layout (see load_lrs)")
+    parser.add_argument("--split", default=None,
+                        help="split to probe (default: validation for the synthetic corpus, test for LRS2/LRS3)")
     parser.add_argument("--num-samples", type=int, default=1, help="samples in the analysed batch (figures: first)")
     parser.add_argument("--text", default=None, help="text to analyse with a plain causal LM (BOS is prepended)")
     parser.add_argument("--out", required=True, help="output directory for report.json, summary.md and figures")
-    parser.add_argument("--threshold", type=float, default=5.0, help="sink: score > threshold / N")
+    parser.add_argument("--threshold", type=float, default=SINK_THRESHOLD,
+                        help="sink: relative score (attention from queries far after the token, in units of uniform "
+                             "causal attention) above this")
+    parser.add_argument("--min-queries", type=int, default=SINK_MIN_QUERIES,
+                        help="sink: at least this many queries far enough after the token")
     parser.add_argument("--tau", type=float, default=1000.0, help="massive: |H| >= tau * median(|H|) (eq. 6)")
     parser.add_argument("--no-interventions", action="store_true", help="skip the eq. 8/9 rotations")
+    parser.add_argument("--eq8-toward", default="nearest", choices=["nearest", "most_similar"],
+                        help="eq. 8's f(i): the nearest non-sink by position, or the most aligned by cosine")
     parser.add_argument("--figure-layer", type=int, default=None,
                         help="hidden-states entry for the 3D and pairwise-cosine figures (default: first massive)")
 
 
+def _rows(args):
+    """The first --num-samples rows of the chosen split, through the package's own loaders."""
+    if args.dataset == "synthetic":
+        from ..data import load_synthetic
+
+        rows = load_synthetic(args.data, args.split or "validation")
+    else:
+        from ..data import load_lrs
+
+        rows = load_lrs(args.data, dataset=args.dataset, split=args.split or "test", layout=args.layout)
+    if len(rows) < args.num_samples:
+        raise SystemExit(f"{args.data}: split {args.split!r} has {len(rows)} samples, fewer than --num-samples "
+                         f"{args.num_samples}")
+    return [rows[i] for i in range(args.num_samples)]
+
+
 def load_for_analysis(args):
-    """(model, inputs, types, token strings) for the command line: a LlamaAVSR folder with corpus rows, or a causal
-    LM with text."""
+    """(model, inputs, types, token strings) for the command line: a LlamaAVSR folder with corpus (synthetic, LRS2 or
+    LRS3) rows, or a causal LM with text."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from ..configuration_llama_avsr import LlamaAVSRConfig
@@ -305,17 +379,15 @@ def load_for_analysis(args):
     path = resolve_component(args.model)
     config = AutoConfig.from_pretrained(path)
     if config.model_type == LlamaAVSRConfig.model_type:
+        from ..data.collator import AVSRDataCollator
         from ..processing_llama_avsr import LlamaAVSRProcessor
 
         if not args.data:
-            raise SystemExit("A LlamaAVSR model needs --data (a synthetic corpus directory)")
-        from ..data import load_synthetic
-        from ..data.collator import AVSRDataCollator
-
+            raise SystemExit("A LlamaAVSR model needs --data (a synthetic corpus directory, or an LRS2/LRS3 root with "
+                             "--dataset lrs2|lrs3)")
         model = LlamaAVSRForConditionalGeneration.from_pretrained(path).eval()
         processor = LlamaAVSRProcessor.from_pretrained(path)
-        rows = load_synthetic(args.data, args.split).select(range(args.num_samples))
-        batch = AVSRDataCollator(processor)([rows[i] for i in range(len(rows))])
+        batch = AVSRDataCollator(processor)(_rows(args))
         types = processor_token_types(processor, batch)
         tokens = processor.tokenizer.convert_ids_to_tokens(batch["input_ids"][0][batch["attention_mask"][0].bool()])
         return model, dict(batch), types, tokens
@@ -335,7 +407,8 @@ def load_for_analysis(args):
 def run_analyze(args) -> int:
     model, inputs, types, tokens = load_for_analysis(args)
     report = analyze(model, inputs, types=types, out_dir=args.out, tokens=tokens, threshold=args.threshold,
-                     tau=args.tau, interventions=not args.no_interventions, figure_layer=args.figure_layer)
+                     tau=args.tau, interventions=not args.no_interventions, figure_layer=args.figure_layer,
+                     min_queries=args.min_queries, eq8_toward=args.eq8_toward)
     print(summary_markdown(report), end="")
     return 0
 

@@ -3,6 +3,14 @@ similarity with BOS (eq. 7), sink detection and per-layer statistics.
 
 Everything takes batched tensors with an optional (B, N) `attention_mask` (1 = real token), so left- and right-padded
 batches give the same numbers as each sample alone. "BOS" is each sample's first attended position.
+
+Sink detection does not threshold eq. 5 directly. Under causal attention key i is seen only by the queries after it,
+so eq. 5 averages the last keys over a handful of queries, and the local attention every model has (a query attends
+to itself and its neighbours) puts them over any threshold of the form c / N. Detection instead uses the *relative
+score* (`relative_attention_scores`): each query's attention to the key divided by what uniform causal attention
+would give it (1 / the number of keys that query sees), averaged over the queries at least `window` positions after
+the key. It is 1 for every key under uniform causal attention whatever its position, local attention does not enter
+it, and queries near the start (which must attend to the first keys) do not inflate the BOS's expectation.
 """
 
 from dataclasses import dataclass
@@ -83,32 +91,114 @@ def pairwise_cosine(hidden_state: torch.Tensor) -> torch.Tensor:
 
 # ---- sinks -----------------------------------------------------------------------------------------------------------
 
+# Defaults of the sink rule (README "Looking inside"): a key is a sink when the queries at least SINK_WINDOW positions
+# after it give it on average more than SINK_THRESHOLD times the attention of uniform causal attention, and there are
+# at least SINK_MIN_QUERIES such queries. On SmolLM2-135M and a 29-token sentence, the BOS scores 5.1-13 in layers
+# 12-29 and its secondary sinks (both "the") 5.5-8.4 in layers 3-8, where no other token exceeds 4.4.
+SINK_THRESHOLD = 5.0
+SINK_WINDOW = 4
+SINK_MIN_QUERIES = 4
+
+
+def keys_seen(attention_mask: torch.Tensor | None, batch: int, length: int, device=None) -> torch.Tensor:
+    """(B, N) number of attended keys each position sees under the causal mask (its uniform share is 1 / that)."""
+    return _valid(attention_mask, batch, length, device).long().cumsum(-1)
+
+
+def distant_query_counts(attention_mask: torch.Tensor | None, batch: int, length: int, window: int = SINK_WINDOW,
+                         device=None) -> torch.Tensor:
+    """(B, N) number of attended queries at least `window` positions after each key (the voters of its relative
+    score)."""
+    counts = visible_query_counts(attention_mask, batch, length, device)
+    shifted = torch.zeros_like(counts)
+    if window < length:
+        shifted[:, : length - window] = counts[:, window:]
+    return shifted
+
+
+def relative_attention_scores(attentions, attention_mask: torch.Tensor | None = None,
+                              window: int = SINK_WINDOW) -> torch.Tensor:
+    """(B, L, N) relative score of every key from the transformers tuple of L (B, H, N, N) attention maps: the mean
+    over attended queries q >= i + window of (mean over heads of A[q, i]) * (number of attended keys q sees). 1 under
+    uniform causal attention; 0 where no query is far enough (see `distant_query_counts`)."""
+    maps = list(attentions)
+    batch, _, length, _ = maps[0].shape
+    device = maps[0].device
+    valid = _valid(attention_mask, batch, length, device)
+    weight = torch.where(valid, keys_seen(valid, batch, length, device), 0).float()  # (B, q)
+    position = torch.arange(length, device=device)
+    far = (position[:, None] - position[None, :]) >= window  # (q, k)
+    counts = distant_query_counts(valid, batch, length, window, device).clamp(min=1).float()
+    scores = []
+    for attn in maps:
+        mean = torch.where(valid[:, None, :, None], attn.float(), 0.0).mean(1)  # (B, q, k); NaN-safe as above
+        relative = torch.where(far, mean * weight[:, :, None], 0.0).sum(1)
+        scores.append(relative / counts)
+    return torch.stack(scores, dim=1)
+
 
 @dataclass
 class Sinks:
     """Sink tokens of one batch per layer. `mask` (B, L, N) marks every sink; `bos` (B, L) says whether the sample's
-    BOS is one; `intermediate` (B, L, N) marks the sinks that are not the BOS. `threshold` is relative: a key is a sink
-    when its score exceeds `threshold` times the uniform score 1 / n, n = the attended tokens of its sample."""
+    BOS is one; `intermediate` (B, L, N) marks the sinks that are not the BOS. Positions are tensor positions; the
+    rule's parameters are kept so that a summary says what was applied."""
 
     mask: torch.Tensor
     bos: torch.Tensor
     intermediate: torch.Tensor
     threshold: float
+    window: int = SINK_WINDOW
+    min_queries: int = SINK_MIN_QUERIES
+    attention_mask: torch.Tensor | None = None
 
     def positions(self, sample: int, layer: int) -> list[int]:
         return self.intermediate[sample, layer].nonzero().flatten().tolist()
 
+    def rule(self) -> dict:
+        return {"statistic": "relative attention score", "threshold": self.threshold, "window": self.window,
+                "min_queries": self.min_queries}
 
-def detect_sinks(scores: torch.Tensor, attention_mask: torch.Tensor | None = None, threshold: float = 5.0) -> Sinks:
-    """Sinks from (B, L, N) attention scores: score > threshold / n, n the number of attended tokens of the sample
-    (a key that every query attends uniformly would score about 1 / n)."""
-    batch, _, length = scores.shape
-    valid = _valid(attention_mask, batch, length, scores.device)
-    uniform = 1.0 / valid.sum(-1).clamp(min=1).float()  # (B,)
-    mask = (scores > threshold * uniform[:, None, None]) & valid[:, None, :]
-    bos = bos_positions(valid, batch, scores.device)
+    def summary(self, types: torch.Tensor | None = None) -> dict:
+        """JSON-ready description, positions in each sample's own coordinates (padding removed): per sample, the
+        layers where BOS is a sink and every intermediate sink with its layers (and token type when `types`, (B, N)
+        codes of tokens.py, is given); and per layer, the number of intermediate sinks summed over the batch."""
+        from .tokens import TOKEN_TYPE_NAMES
+
+        batch, layers, length = self.mask.shape
+        valid = _valid(self.attention_mask, batch, length, self.mask.device).cpu()
+        intermediate = self.intermediate.cpu()
+        samples = []
+        for b in range(batch):
+            own = valid[b].long().cumsum(-1) - 1  # tensor position -> sample position
+            positions = intermediate[b].any(0).nonzero().flatten().tolist()
+            samples.append({
+                "num_tokens": int(valid[b].sum()),
+                "bos_sink_layers": self.bos[b].nonzero().flatten().tolist(),
+                "intermediate_sinks": [
+                    {"position": int(own[p]), "layers": intermediate[b, :, p].nonzero().flatten().tolist(),
+                     **({"type": TOKEN_TYPE_NAMES[int(types[b, p])]} if types is not None else {})}
+                    for p in positions],
+            })
+        return {"rule": self.rule(), "samples": samples,
+                "intermediate_per_layer": intermediate.sum((0, 2)).tolist()}
+
+
+def detect_sinks(relative_scores: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 threshold: float = SINK_THRESHOLD, min_queries: int = SINK_MIN_QUERIES,
+                 window: int = SINK_WINDOW) -> Sinks:
+    """Sinks from (B, L, N) relative scores (`relative_attention_scores`, or `Measurement.relative_scores`): score >
+    `threshold` and at least `min_queries` attended queries `window` or more positions after the key (`window` must
+    be the one the scores were computed with). The last `window + min_queries - 1` tokens of a sample can never be
+    sinks: too few queries see them from afar to tell a sink from local attention."""
+    batch, _, length = relative_scores.shape
+    valid = _valid(attention_mask, batch, length, relative_scores.device)
+    enough = distant_query_counts(valid, batch, length, window, relative_scores.device) >= min_queries
+    mask = (relative_scores > threshold) & (valid & enough)[:, None, :]
+    bos = bos_positions(valid, batch, relative_scores.device)
     is_bos = torch.nn.functional.one_hot(bos, length).bool()[:, None, :]
-    return Sinks(mask=mask, bos=(mask & is_bos).any(-1), intermediate=mask & ~is_bos, threshold=threshold)
+    return Sinks(mask=mask, bos=(mask & is_bos).any(-1), intermediate=mask & ~is_bos, threshold=threshold,
+                 window=window, min_queries=min_queries,
+                 attention_mask=None if attention_mask is None else valid)
 
 
 # ---- per-layer statistics --------------------------------------------------------------------------------------------
@@ -170,15 +260,21 @@ def first_massive_layer(stats: LayerActivationStats, sample: int = 0) -> int | N
 
 __all__ = [
     "LayerActivationStats",
+    "SINK_MIN_QUERIES",
+    "SINK_THRESHOLD",
+    "SINK_WINDOW",
     "Sinks",
     "attention_scores",
     "bos_cosine_similarity",
     "bos_positions",
     "detect_sinks",
+    "distant_query_counts",
     "first_massive_layer",
+    "keys_seen",
     "layer_statistics",
     "massive_activations",
     "masked_median",
     "pairwise_cosine",
+    "relative_attention_scores",
     "visible_query_counts",
 ]

@@ -10,6 +10,7 @@ with the run's arguments pickled next to it) or the averaged `model_avg_K.pth` (
 | original                                             | here                                                      |
 | ---------------------------------------------------- | --------------------------------------------------------- |
 | `audio_proj.0.*`, `audio_proj.2.*` (`video_proj.*`)  | `model.audio_projector.linear_1.*`, `.linear_2.*` (video) |
+| `audio_proj.3.*` (`--layernorm-projector`)           | `model.audio_projector.layer_norm.*`                      |
 | `audio_encoder.*` (transformers WhisperEncoder)       | `model.audio_encoder.*`                                   |
 | `video_encoder.*` (fairseq AV-HuBERT)                 | `model.video_encoder.*` (see `avhubert_fairseq`)          |
 | `llm.model.*`, `llm.lm_head.weight`                  | `model.language_model.*`, `lm_head.weight`                |
@@ -26,10 +27,17 @@ Vocabulary: the original appends `<pad> <audio> </audio> <video> </video>` to th
 rows (random, never trained) are copied to our ids of the same markers; `<pad>` is dropped (we pad with EOS, masked)
 and our placeholder rows get the mean embedding (they are replaced by encoder features and never read).
 
-Behaviour that differs from the original, whatever the weights: see `modeling_llama_avsr` (padding is masked, a
-partial last compression window is kept instead of dropped, Whisper's output is cut at the real length of each clip
-instead of max(len / 16000 * 50, 25) frames of the batch's longest). Clips whose encoder frames are a multiple of the
-compression rate give the same logits.
+Averaged checkpoints: the original's averaging script (`utils/avg_checkpoints_original.py`) sums the state dicts in
+place into the first one, where the tied embedding / LM-head tensor appears under two keys: it is added twice per
+checkpoint and divided twice, leaving it at (2N - 1) / N^2 of its value (0.19 for N = 10). Those rows are frozen, so
+with `base_model` (the LLM the run started from, usually `text_model`) the converter compares them with the base,
+warns about a mismatch, restores the base rows, and divides the added markers' rows by the same measured factor.
+
+What the converter sets so that the model sees its inputs as the original built them: `partial_window="drop"` (the
+original's AvgPool1d and stacking drop a clip's partial last window) and, in the processor,
+`transcript_leading_space=False` (the original tokenises the bare transcript). Behaviour that still differs: see
+`modeling_llama_avsr` (padding is masked, Whisper's output is cut at the real length of each clip instead of
+max(len / 16000 * 50, 25) frames of the batch's longest).
 """
 
 import logging
@@ -49,12 +57,17 @@ _LORA_NAMES = {"lora_down_Q": "q_proj.lora_A.default", "lora_up_Q": "q_proj.lora
                "lora_down_V": "v_proj.lora_A.default", "lora_up_V": "v_proj.lora_B.default"}
 
 
+def _read_checkpoint(checkpoint) -> dict:
+    # The restricted unpickler: Lightning pickles the run's argparse arguments next to the weights, which
+    # `weights_only=True` refuses.
+    if isinstance(checkpoint, dict):
+        return checkpoint
+    return torch.load(checkpoint, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+
+
 def load_reference_state_dict(checkpoint) -> dict:
-    """A path to `epoch=N.ckpt` / `model_avg_K.pth`, or an already loaded dict -> the bare `AVSR_LLMs` state dict.
-    Files are read with the restricted unpickler: Lightning pickles the run's argparse arguments next to the
-    weights, which `weights_only=True` refuses."""
-    if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    """A path to `epoch=N.ckpt` / `model_avg_K.pth`, or an already loaded dict -> the bare `AVSR_LLMs` state dict."""
+    checkpoint = _read_checkpoint(checkpoint)
     if "state_dict" in checkpoint:
         checkpoint = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     if not any(k.startswith("llm.") for k in checkpoint):
@@ -97,6 +110,7 @@ def convert_reference_checkpoint(
     video_compression_rate: int | None = None,
     prompt: str | None = None,
     reference_added_tokens=REFERENCE_ADDED_TOKENS,
+    base_model: str | None = None,
     output_dir=None,
 ):
     """Returns (model, processor) holding the original's weights.
@@ -106,8 +120,12 @@ def convert_reference_checkpoint(
         (config and feature extractor only), for ASR/AVSR. video_config: AV-HuBERT config; by default from the
         tensor shapes (heads: 12 for d=768, 16 for d=1024). compression_type: the ICASSP release stacks frames and
         the rates are then read from the projector shapes; for "avg" (the sink paper's code) pass the rates.
+    base_model: the LLM the run started from (id, folder or offline name; usually `text_model`), whose embedding and
+        LM-head rows the original kept frozen: they are checked against the checkpoint's and restored (see the
+        averaging note above). None: not checked (a warning for averaged tied checkpoints says so).
     """
-    state = load_reference_state_dict(checkpoint)
+    raw = _read_checkpoint(checkpoint)
+    state = load_reference_state_dict(raw)
     uses_audio, uses_video = "audio_proj.0.weight" in state, "video_proj.0.weight" in state
     modality = {(True, True): "avsr", (True, False): "asr", (False, True): "vsr"}.get((uses_audio, uses_video))
     if modality is None:
@@ -142,6 +160,15 @@ def convert_reference_checkpoint(
         raise ValueError("with compression_type='avg' the rates cannot be read from the weights: pass them")
     rank, alpha, fold = _lora_settings(state, lora_scaling)
     projector = state["audio_proj.0.weight" if uses_audio else "video_proj.0.weight"].shape[0]
+    layer_norm = f"{'audio' if uses_audio else 'video'}_proj.3.weight" in state
+    if base_model is not None:
+        state = _restore_frozen_rows(state, base_model, base_vocab)
+    elif "state_dict" not in raw and getattr(text_config, "tie_word_embeddings", False):
+        logger.warning(
+            "An averaged checkpoint (no Lightning 'state_dict') of an LLM with tied embeddings: the original's "
+            "averaging script leaves the tied rows at (2N - 1) / N^2 of their value. Pass base_model=%r to check "
+            "and restore them.", str(text_model),
+        )
 
     config = LlamaAVSRConfig(
         text_config=text_config,
@@ -151,7 +178,9 @@ def convert_reference_checkpoint(
         compression_type=compression_type,
         audio_compression_rate=rates["audio"] or 1,
         video_compression_rate=rates["video"] or 1,
+        partial_window="drop",
         projector_hidden_size=projector,
+        projector_layer_norm=layer_norm,
         prompt=prompt or DEFAULT_PROMPTS[modality],
         lora_rank=rank,
         lora_alpha=alpha,
@@ -178,6 +207,7 @@ def convert_reference_checkpoint(
     processor = LlamaAVSRProcessor.from_components(
         text_model, audio_encoder, modality=modality, prompt=config.prompt,
         audio_compression_rate=config.audio_compression_rate, video_compression_rate=config.video_compression_rate,
+        partial_window=config.partial_window, transcript_leading_space=False,
     )
     if output_dir is not None:
         model.save_pretrained(output_dir)
@@ -185,12 +215,50 @@ def convert_reference_checkpoint(
     return model, processor
 
 
+def _restore_frozen_rows(state: dict, base_model: str, base_vocab: int) -> dict:
+    """The checkpoint's embedding and LM-head tensors with their first `base_vocab` rows (frozen in the original) taken
+    from `base_model`. Rows scaled by a common factor (the averaging script's (2N - 1) / N^2) are reported, and the
+    added markers' rows, scaled alike, are divided by it. Rows that differ otherwise mean another base: an error."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_component(base_model), dtype="auto")
+    references = {"llm.model.embed_tokens.weight": base.get_input_embeddings().weight.detach(),
+                  "llm.lm_head.weight": base.get_output_embeddings().weight.detach()}
+    state = dict(state)  # new tensors, never in place: the two keys may share one storage
+    for key, reference in references.items():
+        if key not in state:
+            continue
+        value = state[key]
+        if reference.shape[0] != base_vocab or reference.shape[1] != value.shape[1]:
+            raise ValueError(f"{base_model}: {key} is {tuple(reference.shape)}, the checkpoint's base rows are "
+                             f"({base_vocab}, {value.shape[1]}): not the LLM the checkpoint was trained from")
+        rows, reference = value[:base_vocab].flatten().float(), reference.flatten().float()
+        scale = float(torch.dot(rows, reference) / torch.dot(reference, reference))
+        residual = float((rows - scale * reference).norm() / rows.norm().clamp(min=1e-30))
+        reference = reference.view(base_vocab, -1)
+        if residual > 0.02:
+            raise ValueError(f"{key}: the checkpoint's first {base_vocab} rows are not those of {base_model} (nor a "
+                             f"multiple of them; relative residual {residual:.3f}): not the LLM it was trained from")
+        restored = value.clone()
+        restored[:base_vocab] = reference.to(value.dtype)
+        if abs(scale - 1) > 0.01:
+            averaged = (1 + (1 - scale) ** 0.5) / scale if 0 < scale < 1 else float("nan")  # (2N - 1) / N^2 = scale
+            logger.warning(
+                "%s: the frozen rows are %.4f times those of %s (the original's averaging script leaves a tied "
+                "embedding at (2N - 1) / N^2 of its value: N = %.2f). Restored from the base; the %d added rows "
+                "are divided by %.4f.", key, scale, base_model, averaged, value.shape[0] - base_vocab, scale,
+            )
+            restored[base_vocab:] = value[base_vocab:] / scale
+        state[key] = restored
+    return state
+
+
 def _map_state(state, model, tokenizer, base_vocab, reference_added_tokens, fold):
     ours = {}
     for key, value in state.items():
         if key.startswith(("audio_proj.", "video_proj.")):
             stream, index, leaf = key.split(".", 2)
-            layer = {"0": "linear_1", "2": "linear_2"}[index]
+            layer = {"0": "linear_1", "2": "linear_2", "3": "layer_norm"}[index]
             ours[f"model.{stream.replace('_proj', '_projector')}.{layer}.{leaf}"] = value
         elif key.startswith("audio_encoder."):
             ours["model." + key] = value

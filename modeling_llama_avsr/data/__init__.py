@@ -4,6 +4,7 @@ Nothing here imports espeak-ng (GPL) at import time; `tts.synthesize` loads it o
 """
 
 from .loading import (
+    ManifestError,
     MediaError,
     MediaInfo,
     TranscriptError,
@@ -23,6 +24,7 @@ from .synthetic import add_make_corpus_arguments, make_corpus, run_make_corpus
 
 __all__ = [
     "LRSReport",
+    "ManifestError",
     "MaxFramesBatchSampler",
     "MediaError",
     "MediaInfo",

@@ -42,6 +42,7 @@ from ..configuration_llama_avsr import LUMA_WEIGHTS, VIDEO_FPS
 
 __all__ = [
     "MAX_CLIP_SECONDS",
+    "ManifestError",
     "MediaError",
     "MediaInfo",
     "TranscriptError",
@@ -389,32 +390,81 @@ def check_transcript(text: str, path=None) -> str:
 # ---- manifests -------------------------------------------------------------------------------------------------------
 
 
-def load_manifest(csv_path, root, fps: int = FPS):
+class ManifestError(ValueError):
+    """Rows of a manifest that cannot be trained or tested on; each problem starts with `csv:line`."""
+
+    def __init__(self, csv_path, problems: list[str]):
+        shown = "\n  ".join(problems[:_MANIFEST_PROBLEMS_SHOWN])
+        more = f"\n  ... and {len(problems) - _MANIFEST_PROBLEMS_SHOWN} more" \
+            if len(problems) > _MANIFEST_PROBLEMS_SHOWN else ""
+        super().__init__(f"{csv_path}: {len(problems)} bad rows:\n  {shown}{more}")
+        self.path = str(csv_path)
+        self.problems = problems
+
+
+_MANIFEST_PROBLEMS_SHOWN = 10
+
+
+def load_manifest(csv_path, root, fps: int = FPS, check_files: bool = True,
+                  max_seconds: float | None = MAX_CLIP_SECONDS):
     """A `datasets.Dataset` with one row per csv line in auto_avsr's layout.
 
     `relative_path` is resolved against `root` (for auto_avsr's LRS3 csvs that is `ROOT/lrs3`; for a csv that mixes
     data sets, pass a dict {dataset name: directory}). Columns: id (relative path without extension), audio_path
     (.wav), video_path (.mp4), text, num_frames (video frames, from the csv), duration (num_frames / fps: the
     video's span, which covers the audio to within one frame).
+
+    Every row is checked here, not when a batch first needs it: fewer than 5 columns, a frame count that is not a
+    positive integer, a clip longer than `max_seconds` (Whisper's 30-s window; None: no limit), a transcript that
+    `check_transcript` refuses (empty; control characters other than tab, newline and carriage return, which are
+    whitespace and collapse; lone surrogates; unassigned code points) and, with `check_files`, a missing wav or mp4.
+    All bad rows are reported in one `ManifestError` naming the csv and each line. Transcripts are stored as
+    `check_transcript` returns them: NFC-normalised, whitespace collapsed.
     """
     import datasets
 
     columns = {"id": [], "audio_path": [], "video_path": [], "text": [], "duration": [], "num_frames": []}
+    problems = []
     with open(csv_path, newline="") as f:
         for line, row in enumerate(csv.reader(f), start=1):
             if not row:
                 continue
+            where = f"{csv_path}:{line}"
             if len(row) < 5:
-                raise ValueError(f"{csv_path}:{line}: expected 5 columns (dataset, path, frames, tokens, text)")
-            dataset, relative, frames = row[0], row[1], int(row[2])
+                problems.append(f"{where}: expected 5 columns (dataset, path, frames, tokens, text), got {len(row)}")
+                continue
+            dataset, relative, frames = row[0], row[1], row[2].strip()
+            if not frames.isdigit() or int(frames) == 0:
+                problems.append(f"{where}: the frame count {frames!r} is not a positive integer")
+                continue
+            frames = int(frames)
+            if max_seconds is not None and frames / fps > max_seconds:
+                problems.append(f"{where}: the clip lasts {frames / fps:.1f} s, longer than max_seconds="
+                                f"{max_seconds:g} (Whisper's window); cut it or drop the row")
+                continue
+            try:
+                text = check_transcript(",".join(row[4:]), where)  # auto_avsr writes transcripts unquoted
+            except TranscriptError as e:
+                problems.append(str(e))
+                continue
+            if isinstance(root, dict) and dataset not in root:
+                problems.append(f"{where}: data set {dataset!r} is not one of the roots given ({sorted(root)})")
+                continue
             base = Path(root[dataset] if isinstance(root, dict) else root) / relative
             stem = base.with_suffix("")
+            audio_path, video_path = stem.with_suffix(".wav"), stem.with_suffix(".mp4")
+            absent = [str(p) for p in (audio_path, video_path) if check_files and not p.is_file()]
+            if absent:
+                problems.append(f"{where}: no such file {' or '.join(absent)}")
+                continue
             columns["id"].append(str(Path(relative).with_suffix("")))
-            columns["audio_path"].append(str(stem.with_suffix(".wav")))
-            columns["video_path"].append(str(stem.with_suffix(".mp4")))
-            columns["text"].append(",".join(row[4:]))  # auto_avsr writes transcripts unquoted
+            columns["audio_path"].append(str(audio_path))
+            columns["video_path"].append(str(video_path))
+            columns["text"].append(text)
             columns["num_frames"].append(frames)
             columns["duration"].append(frames / fps)
+    if problems:
+        raise ManifestError(csv_path, problems)
     return datasets.Dataset.from_dict(columns)
 
 

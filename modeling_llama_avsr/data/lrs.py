@@ -18,8 +18,10 @@ raw layout (as downloaded):
 
 Rows: id, dataset, audio_path (the wav, or the mp4 itself in the raw layout: `read_audio` takes its track),
 video_path, text (lower-cased by default, as auto_avsr's csvs are), num_frames, duration (num_frames / 25).
-Missing or duplicated files, unreadable transcripts or headers and clips over `max_duration` are skipped and counted
-in an `LRSReport` (logged; `return_report=True` returns it), never fatal. Raw clips are probed for their frame count
+Missing or duplicated files, unreadable transcripts or headers, csv rows without a positive frame count or with a
+transcript that `check_transcript` refuses (named by csv file and line), and clips over `max_duration` (or over
+Whisper's 30 s, which no reader accepts) are skipped and counted in an `LRSReport` (logged; `return_report=True`
+returns it), never fatal. Raw clips are probed for their frame count
 (PyAV header, a few ms each, in threads). `streaming=True` returns a `datasets.IterableDataset` that lists the files
 up front (cheap) but reads transcripts and probes headers only as rows are consumed, for pretrain-size splits.
 """
@@ -30,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loading import FPS, MediaError, TranscriptError, check_transcript, probe_media
+from .loading import FPS, MAX_CLIP_SECONDS, MediaError, TranscriptError, check_transcript, probe_media
 
 __all__ = ["LRSReport", "load_lrs", "read_lrs_transcript"]
 
@@ -139,9 +141,20 @@ def _list_auto_avsr(root: Path, dataset: str, split: str, report: LRSReport) -> 
         for line, row in enumerate(csv.reader(f), start=1):
             if not row:
                 continue
+            where = f"{csv_path}:{line}"
             if len(row) < 4 or not row[2].strip().isdigit():
-                report.unreadable.append(f"{csv_path.name}:{line}: not `dataset, path, frames, tokens[, text]`")
+                report.unreadable.append(f"{where}: not `dataset, path, frames, tokens[, text]`")
                 continue
+            if int(row[2]) == 0:
+                report.unreadable.append(f"{where}: 0 video frames")
+                continue
+            text = None
+            if len(row) >= 5:
+                try:  # checked here, where the csv line is known; auto_avsr writes transcripts unquoted
+                    text = check_transcript(",".join(row[4:]), where)
+                except TranscriptError as e:
+                    report.unreadable.append(str(e))
+                    continue
             name, relative = row[0], row[1]
             base = root / name if (root / name).is_dir() else root  # auto_avsr: ROOT/lrs3/...; synthetic: ROOT/...
             stem = (base / relative).with_suffix("")
@@ -149,8 +162,7 @@ def _list_auto_avsr(root: Path, dataset: str, split: str, report: LRSReport) -> 
             entries.append(_Entry(
                 id=str(Path(relative).with_suffix("")), video_path=stem.with_suffix(".mp4"),
                 audio_path=stem.with_suffix(".wav"), num_frames=int(row[2]),
-                text=",".join(row[4:]) if len(row) >= 5 else None,  # auto_avsr writes transcripts unquoted
-                text_path=None if len(row) >= 5 else text_path,
+                text=text, text_path=None if len(row) >= 5 else text_path,
             ))
     return entries
 
@@ -251,7 +263,7 @@ def _stream_rows(shards: list[list[_Entry]], dataset: str, lowercase: bool, max_
         except (MediaError, TranscriptError) as e:
             logger.warning("skipping %s: %s", entry.id, e)
             continue
-        if max_duration is not None and row["duration"] > max_duration:
+        if row["duration"] > min(max_duration or MAX_CLIP_SECONDS, MAX_CLIP_SECONDS):
             continue
         yield row
 
@@ -303,10 +315,11 @@ def load_lrs(root, dataset: str = "lrs3", split: str = "test", layout: str = "au
     with ThreadPoolExecutor(max(1, num_workers)) as pool:  # header probes and small reads: I/O bound
         results = list(pool.map(resolve, entries))
     rows = []
+    limit = min(max_duration, MAX_CLIP_SECONDS) if max_duration is not None else MAX_CLIP_SECONDS
     for entry, result in zip(entries, results):
         if isinstance(result, Exception):
             report.unreadable.append(str(result))
-        elif max_duration is not None and result["duration"] > max_duration:
+        elif result["duration"] > limit:
             report.too_long.append(f"{entry.id} ({result['duration']:.1f} s)")
         else:
             rows.append(result)

@@ -271,7 +271,8 @@ def make_corpus(
                 changed = sorted(k for k in params.keys() | existing.keys() if params.get(k) != existing.get(k))
                 raise ValueError(
                     f"{out} holds a synthetic corpus built with other parameters ({', '.join(changed)} differ); "
-                    "choose another directory or pass overwrite=True (--overwrite) to rebuild it"
+                    "choose another directory, or rebuild it with make_corpus(..., overwrite=True), `llama-avsr "
+                    "make-corpus --overwrite` or `examples/run_avsr.py --overwrite_corpus`"
                 )
             logger.warning("Deleting the synthetic corpus in %s to rebuild it with new parameters", out)
             for name in (*SPLITS, "labels"):

@@ -1,0 +1,520 @@
+"""The study behind `examples/reproduce_paper.py`: its grid, its statistics, its tables, the reading of each claim
+and the figures (that script runs the cells; this module reads their result files).
+
+    python examples/reproduction.py outputs/reproduce          # rewrite OUT/report/ from the finished cells
+
+Everything is computed from the cells' result files. Statistics: mean +- sample standard deviation over seeds; a
+difference is called only when it exceeds twice its standard error, sqrt(s1^2 / n1 + s2^2 / n2), with at least two
+seeds on each side; otherwise it is "not separable from seed variance".
+"""
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+LAMBDAS = (10.0, 100.0, 10000.0)
+BASE_SEEDS = (0, 1, 2)
+# Settings whose spread is large at this scale (high compression) get more seeds for the base and the chosen lambda.
+EXTRA_SEEDS = (3, 4)
+HIGH_COMPRESSION = ("asr-16", "asr-32", "vsr-5", "avsr-16-5")
+ACT_SETTINGS = ("asr-32", "avsr-16-5")
+# Figures 1-4 analogues are drawn for seed 0 of every method at these settings.
+FIGURE_SETTINGS = ("asr-32", "avsr-16-5")
+# The sink monitor measures at these optimizer steps (0 = the composed pretrained model, before any update).
+MONITOR_STEPS = (0, 25, 75, 150, 300, 450)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    modality: str
+    audio_rate: int = 4
+    video_rate: int = 2
+
+    @property
+    def label(self) -> str:
+        rates = {"asr": (self.audio_rate,), "vsr": (self.video_rate,), "avsr": (self.audio_rate, self.video_rate)}
+        return f"{self.modality.upper()} ({','.join(map(str, rates[self.modality]))})"
+
+
+SETTINGS = {s.name: s for s in (
+    Setting("asr-4", "asr", audio_rate=4),
+    Setting("asr-16", "asr", audio_rate=16),
+    Setting("asr-32", "asr", audio_rate=32),
+    Setting("vsr-1", "vsr", video_rate=1),
+    Setting("vsr-5", "vsr", video_rate=5),
+    Setting("avsr-1-1", "avsr", audio_rate=1, video_rate=1),
+    Setting("avsr-4-2", "avsr", audio_rate=4, video_rate=2),
+    Setting("avsr-16-5", "avsr", audio_rate=16, video_rate=5),
+)}
+# The paper's Table 1 (Llama 3.2-3B on LRS2; VSR on LRS3): base -> decorrelation WER %.
+PAPER_TABLE1 = {"asr-4": (2.62, 2.61), "asr-16": (4.83, 3.91), "asr-32": (12.92, 11.50), "vsr-1": (25.84, 25.63),
+                "vsr-5": (45.19, 34.08), "avsr-1-1": (2.26, 2.22), "avsr-4-2": (2.44, 2.42),
+                "avsr-16-5": (4.15, 3.72)}
+PAPER_TABLE2 = {"asr-32": (12.92, 12.81, 11.50), "avsr-16-5": (4.15, 4.08, 3.72)}  # base, ACT, decorrelation
+
+
+def method_name(weight: float) -> str:
+    return "base" if weight == 0 else f"decor-{weight:g}"
+
+
+def method_weight(method: str) -> float:
+    return 0.0 if method == "base" else float(method.split("-", 1)[1])
+
+
+# ---- aggregation ---------------------------------------------------------------------------------------------------
+
+
+def load_results(out: Path) -> dict[str, dict]:
+    return {json.loads(p.read_text())["cell"]: json.loads(p.read_text()) for p in sorted(out.glob("runs/*/*/*/result.json"))}
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
+    return {"mean": mean, "std": std, "n": len(values)}
+
+
+def metric(result: dict, split: str, condition: str = "clean", name: str = "wer"):
+    block = result.get(split) or {}
+    if split == "test":
+        block = block.get(condition) or {}
+    value = block.get(name)
+    return None if value is None else float(value)
+
+
+def collect(results, setting, method, split, condition="clean", name="wer"):
+    return [metric(r, split, condition, name) for r in results.values()
+            if r["setting"] == setting and r["method"] == method]
+
+
+def choose_lambda(setting: str, results) -> str | None:
+    """The lambda with the lowest mean validation WER over its seeds (ties: the lower validation CE)."""
+    best = None
+    for weight in LAMBDAS:
+        method = method_name(weight)
+        wer = mean_std(collect(results, setting, method, "validation"))
+        ce = mean_std(collect(results, setting, method, "validation", name="ce_loss"))
+        if wer is None:
+            continue
+        key = (wer["mean"], ce["mean"] if ce else float("inf"))
+        if best is None or key < best[0]:
+            best = (key, method)
+    return None if best is None else best[1]
+
+
+def compare(a, b) -> dict | None:
+    """b - a with its standard error; the verdict needs |difference| > 2 SE (and two seeds on each side)."""
+    if a is None or b is None or a["n"] < 2 or b["n"] < 2:
+        return None
+    diff = b["mean"] - a["mean"]
+    se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"])
+    return {"difference": diff, "se": se, "separable": abs(diff) > 2 * se}
+
+
+
+LOW_SEMANTIC = ("BOS", "audio marker", "video marker", "prompt")
+NOISY = "babble 0 dB"
+
+
+def fmt(stat, scale: float = 100.0, digits: int = 2, n: bool = True) -> str:
+    if stat is None:
+        return "-"
+    std = "" if not math.isfinite(stat["std"]) else f" ± {scale * stat['std']:.{digits}f}"
+    return f"{scale * stat['mean']:.{digits}f}{std}" + (f" (n={stat['n']})" if n else "")
+
+
+def verdict(comparison, better: str = "lower") -> str:
+    """'holds' / 'does not hold' / 'not separable from seed variance' for "the second is lower (better)"."""
+    if comparison is None:
+        return "too few seeds"
+    if not comparison["separable"]:
+        return "not separable from seed variance"
+    lower = comparison["difference"] < 0
+    return "lower" if lower else "higher"
+
+
+def runs(results, setting, method):
+    return [r for r in results.values() if r["setting"] == setting and r["method"] == method]
+
+
+def history_value(result, step, key):
+    for entry in (result.get("sinks") or {}).get("history", []):
+        if entry["step"] == step:
+            return entry["profile"][key] if key in entry.get("profile", {}) else entry.get(key)
+    return None
+
+
+def final_profile(result):
+    history = (result.get("sinks") or {}).get("history", [])
+    return history[-1]["profile"] if history else None
+
+
+# ---- tables --------------------------------------------------------------------------------------------------------
+
+
+def table1(results) -> tuple[list[str], dict]:
+    rows = ["| setting | base WER % | λ* (validation) | decorrelation WER % | Δ (decor - base) ± 2 SE | reading | "
+            "test CE base / decor | paper base -> decor |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    data = {}
+    for name, setting in SETTINGS.items():
+        chosen = choose_lambda(name, results)
+        conditions = ["clean"] + ([NOISY] if setting.modality == "avsr" else [])
+        for condition in conditions:
+            base = mean_std(collect(results, name, "base", "test", condition))
+            if base is None:
+                continue
+            decor = mean_std(collect(results, name, chosen, "test", condition)) if chosen else None
+            ce_base = mean_std(collect(results, name, "base", "test", condition, "ce_loss"))
+            ce_decor = mean_std(collect(results, name, chosen, "test", condition, "ce_loss")) if chosen else None
+            comparison = compare(base, decor)
+            data[(name, condition)] = {"base": base, "decor": decor, "lambda": chosen, "compare": comparison,
+                                       "ce_base": ce_base, "ce_decor": ce_decor,
+                                       "ce_compare": compare(ce_base, ce_decor)}
+            delta = "-" if comparison is None else (f"{100 * comparison['difference']:+.2f} ± "
+                                                    f"{200 * comparison['se']:.2f}")
+            paper = PAPER_TABLE1.get(name) if condition == "clean" else None
+            label = setting.label + ("" if condition == "clean" else f", {condition}")
+            rows.append(f"| {label} | {fmt(base)} | {chosen or '-'} | {fmt(decor)} | {delta} | "
+                        f"{verdict(comparison)} | {fmt(ce_base, 1, 3, False)} / {fmt(ce_decor, 1, 3, False)} | "
+                        f"{f'{paper[0]} -> {paper[1]}' if paper else ''} |")
+    return rows, data
+
+
+def lambda_table(results) -> list[str]:
+    rows = ["| setting | " + " | ".join(f"λ = {w:g}" for w in (0.0, *LAMBDAS)) + " | chosen |",
+            "| --- |" + " --- |" * (len(LAMBDAS) + 2)]
+    for name, setting in SETTINGS.items():
+        cells = [fmt(mean_std(collect(results, name, method_name(w), "validation")), n=True)
+                 for w in (0.0, *LAMBDAS)]
+        if all(c == "-" for c in cells):
+            continue
+        rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {choose_lambda(name, results) or '-'} |")
+    return rows
+
+
+def table2(results, t1) -> tuple[list[str], dict]:
+    rows = ["| setting | base WER % | ACT WER % | decorrelation WER % | ACT - base ± 2 SE | max ratio base / ACT | "
+            "paper base, ACT, decor |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    data = {}
+    for name in ACT_SETTINGS:
+        setting = SETTINGS[name]
+        for condition in ["clean"] + ([NOISY] if setting.modality == "avsr" else []):
+            base_runs = [r for r in runs(results, name, "base") if r.get("act")]
+            if not base_runs:
+                continue
+            base = mean_std([r["test"][condition]["wer"] for r in base_runs])
+            act = mean_std([r["act"]["test"][condition]["wer"] for r in base_runs])
+            decor = (t1.get((name, condition)) or {}).get("decor")
+            ratio_base = mean_std([final_profile(r)["massive"]["max_ratio"] for r in base_runs if final_profile(r)])
+            ratio_act = mean_std([r["act"]["sinks"]["profile"]["massive"]["max_ratio"] for r in base_runs])
+            comparison = compare(base, act)
+            data[(name, condition)] = {"base": base, "act": act, "decor": decor, "compare": comparison,
+                                       "ratio_base": ratio_base, "ratio_act": ratio_act,
+                                       "heads": [len(r["act"]["search"]["heads"]) for r in base_runs]}
+            delta = "-" if comparison is None else (f"{100 * comparison['difference']:+.2f} ± "
+                                                    f"{200 * comparison['se']:.2f}")
+            paper = PAPER_TABLE2.get(name) if condition == "clean" else None
+            label = setting.label + ("" if condition == "clean" else f", {condition}")
+            rows.append(f"| {label} | {fmt(base)} | {fmt(act)} | {fmt(decor)} | {delta} | "
+                        f"{fmt(ratio_base, 1, 0, False)} / {fmt(ratio_act, 1, 0, False)} | "
+                        f"{', '.join(map(str, paper)) if paper else ''} |")
+    return rows, data
+
+
+def sink_table(results) -> tuple[list[str], dict]:
+    rows = ["| setting | method | intermediate sinks / sample, step 0 -> end | on low-semantic tokens (end) | "
+            "BOS-sink share of layers (end) | max massive ratio (end) | cos to BOS: sinks / others (end) |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    data = {}
+    for name, setting in SETTINGS.items():
+        chosen = choose_lambda(name, results)
+        for method in ("base", chosen):
+            group = [r for r in runs(results, name, method) if final_profile(r)] if method else []
+            if not group:
+                continue
+            start = mean_std([history_value(r, 0, "intermediate_positions") for r in group])
+            end = mean_std([final_profile(r)["intermediate_positions"] for r in group])
+            low = []
+            for r in group:
+                by_type = final_profile(r)["intermediate_by_type"]
+                total = sum(by_type.values())
+                if total:
+                    low.append(sum(v for k, v in by_type.items() if k in LOW_SEMANTIC) / total)
+            low = mean_std(low)
+            bos = mean_std([final_profile(r)["bos_sink_fraction"] for r in group])
+            ratio = mean_std([final_profile(r)["massive"]["max_ratio"] for r in group])
+            cos_s = mean_std([final_profile(r)["cos_bos"]["sinks"] for r in group])
+            cos_o = mean_std([final_profile(r)["cos_bos"]["others"] for r in group])
+            data[(name, method)] = {"start": start, "end": end, "low": low, "bos": bos, "ratio": ratio,
+                                    "cos_sinks": cos_s, "cos_others": cos_o, "n": len(group)}
+            rows.append(f"| {setting.label} | {method} | {fmt(start, 1, 2, False)} -> {fmt(end, 1, 2)} | "
+                        f"{fmt(low, 100, 0, False)} % | {fmt(bos, 100, 0, False)} % | {fmt(ratio, 1, 0, False)} | "
+                        f"{fmt(cos_s, 1, 2, False)} / {fmt(cos_o, 1, 2, False)} |")
+    return rows, data
+
+
+# ---- the reading ---------------------------------------------------------------------------------------------------
+
+
+def _share(flags):
+    flags = [f for f in flags if f is not None]
+    return (sum(flags), len(flags))
+
+
+def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
+    """(claim, verdict, numbers) for claims (a)-(h) of issue 15."""
+    out = []
+    everything = list(results.values())
+    base_runs = [r for r in everything if r["method"] == "base" and final_profile(r)]
+
+    # (a) BOS sink in the pretrained LLM: the composed model before any update (step 0).
+    start = [history_value(r, 0, "bos_sink_fraction") for r in everything]
+    start = mean_std(start)
+    out.append(("(a) a BOS sink is present in the pretrained LLM",
+                "holds" if start and start["mean"] > 0.3 else ("does not hold" if start else "not measured"),
+                f"before fine-tuning the BOS is a sink in {fmt(start, 100, 0, False)} % of layers 2..L-1 "
+                f"(all {start['n'] if start else 0} runs, step 0)"))
+
+    # (b) intermediate sinks emerge in fine-tuning, on low-semantic tokens (base runs).
+    deltas = [final_profile(r)["intermediate_positions"] - (history_value(r, 0, "intermediate_positions") or 0)
+              for r in base_runs]
+    change = mean_std(deltas)
+    emerged = change is not None and change["n"] > 1 and change["mean"] > 2 * change["std"] / math.sqrt(change["n"])
+    low = []
+    for r in base_runs:
+        by_type = final_profile(r)["intermediate_by_type"]
+        if sum(by_type.values()):
+            low.append(sum(v for k, v in by_type.items() if k in LOW_SEMANTIC) / sum(by_type.values()))
+    low = mean_std(low)
+    start0 = mean_std([history_value(r, 0, "intermediate_positions") for r in base_runs])
+    end0 = mean_std([final_profile(r)["intermediate_positions"] for r in base_runs])
+    out.append(("(b) intermediate sinks emerge during fine-tuning, on low-semantic tokens",
+                ("holds" if emerged and low and low["mean"] > 0.5 else
+                 "does not hold" if change and change["mean"] <= 0 else "not separable from seed variance"),
+                f"base runs: {fmt(start0, 1, 2, False)} intermediate sinks per sample before fine-tuning, "
+                f"{fmt(end0, 1, 2, False)} after (change {fmt(change, 1, 2)}); "
+                f"{fmt(low, 100, 0, False)} % of the final ones on BOS-like / marker / prompt tokens"))
+
+    # (c) massive features shared with BOS, made by the MLP (gate positive on sinks, negative elsewhere).
+    shared, mlp, gate = [], [], []
+    for r in base_runs:
+        massive = final_profile(r)["massive"]
+        if massive["features_sinks"]:
+            bos_set, sink_set = set(massive["features_bos"]), set(massive["features_sinks"])
+            shared.append(len(bos_set & sink_set) / len(bos_set | sink_set))
+        origin = r["sinks"]["final"].get("mlp_origin") or {}
+        for feature in (origin.get("features") or {}).values():
+            mlp.append(abs(feature["mlp_out"]["sink"]) > max(abs(feature["residual_in"]["sink"]),
+                                                             abs(feature["attention_out"]["sink"])))
+            g_sink, g_other = feature["gate"]["sink"][0], feature["gate"]["other"][0]
+            if g_sink is not None and g_other is not None:
+                gate.append(g_sink > 0 > g_other)
+    jaccard = mean_std(shared)
+    mlp_hits, gate_hits = _share(mlp), _share(gate)
+    if jaccard is None:
+        verdict_c = "not observed: no intermediate sink carried a massive activation"
+    elif jaccard["mean"] > 0.5 and mlp_hits[1] and mlp_hits[0] > mlp_hits[1] / 2:
+        verdict_c = "holds"
+    else:
+        verdict_c = "does not hold"
+    out.append(("(c) sinks' massive activations share BOS's feature indices and come from the MLP", verdict_c,
+                f"Jaccard overlap of the massive features of BOS and of intermediate sinks {fmt(jaccard, 1, 2)} "
+                f"(runs whose sinks carry massive features); the MLP writes the largest part of the first massive "
+                f"features in {mlp_hits[0]} of {mlp_hits[1]} (run, feature) cases; its top unit's gate is positive "
+                f"on sinks and negative elsewhere in {gate_hits[0]} of {gate_hits[1]}"))
+
+    # (d) sinks have cos ~ 1 with BOS, others not.
+    cos_s = mean_std([final_profile(r)["cos_bos"]["sinks"] for r in base_runs])
+    cos_o = mean_std([final_profile(r)["cos_bos"]["others"] for r in base_runs])
+    holds_d = cos_s and cos_o and cos_s["mean"] > 0.8 and cos_o["mean"] < 0.5
+    out.append(("(d) sinks have cos ~ 1 with BOS, other tokens not",
+                "holds" if holds_d else ("not measured" if not cos_s else "does not hold"),
+                f"cos to BOS in layers 2..L-1: intermediate sinks {fmt(cos_s, 1, 2)}, other tokens {fmt(cos_o, 1, 2)} "
+                f"(base runs, after fine-tuning)"))
+
+    # (e) eq. 8 removes a sink and its massive activations, eq. 9 creates one.
+    removed, created = [], []
+    for r in base_runs:
+        for effect in r["sinks"]["final"].get("interventions") or []:
+            layer = effect["layer"]
+            for before, after in zip(effect["before"], effect["after"]):
+                sink_before = [l for l in before["sink_layers"] if l >= layer]
+                sink_after = [l for l in after["sink_layers"] if l >= layer]
+                massive_before = [e for e in before["massive_entries"] if e > layer]
+                massive_after = [e for e in after["massive_entries"] if e > layer]
+                if effect["toward"] != "bos" and sink_before:
+                    removed.append(len(sink_after) < len(sink_before) / 2 and len(massive_after) <= len(massive_before) / 2)
+                elif effect["toward"] == "bos":
+                    created.append(len(sink_after) > len(sink_before))
+    removed, created = _share(removed), _share(created)
+
+    def part(hits, total):
+        return "not measured" if not total else ("holds" if hits > total / 2 else "does not hold")
+
+    out.append(("(e) eq. 8 removes a sink and its massive activations, eq. 9 creates one",
+                f"eq. 8: {part(*removed)}; eq. 9: {part(*created)}",
+                f"eq. 8 halved a sink's sink layers and massive entries in {removed[0]} of {removed[1]} base runs with "
+                f"an intermediate sink; eq. 9 made a token a sink in more layers in {created[0]} of {created[1]}"))
+
+    # (f) decorrelation removes intermediate sinks and massive activations.
+    lines, calls = [], []
+    for name in SETTINGS:
+        base, decor = sinks.get((name, "base")), None
+        chosen = choose_lambda(name, results)
+        if chosen:
+            decor = sinks.get((name, chosen))
+        if not base or not decor:
+            continue
+        c_sinks, c_ratio = compare(base["end"], decor["end"]), compare(base["ratio"], decor["ratio"])
+        calls.append((c_sinks, c_ratio))
+        lines.append(f"{SETTINGS[name].label}: sinks {fmt(base['end'], 1, 2, False)} -> {fmt(decor['end'], 1, 2, False)} "
+                     f"({verdict(c_sinks)}), max ratio {fmt(base['ratio'], 1, 0, False)} -> "
+                     f"{fmt(decor['ratio'], 1, 0, False)} ({verdict(c_ratio)})")
+    fewer = sum(1 for s, r in calls if s and s["separable"] and s["difference"] < 0)
+    lower_ratio = sum(1 for s, r in calls if r and r["separable"] and r["difference"] < 0)
+    out.append(("(f) decorrelation removes intermediate sinks and massive activations",
+                "not measured" if not calls else
+                ("holds" if fewer == len(calls) and lower_ratio == len(calls) else
+                 f"partly: fewer sinks in {fewer} of {len(calls)} settings, lower ratio in {lower_ratio}"),
+                "; ".join(lines)))
+
+    # (g) WER lower at high compression, neutral at low.
+    high, low_rates = [], []
+    for (name, condition), row in t1.items():
+        if condition != "clean" or row["compare"] is None:
+            continue
+        (high if name in HIGH_COMPRESSION else low_rates).append((name, row["compare"]))
+    better = [n for n, c in high if c["separable"] and c["difference"] < 0]
+    worse = [n for n, c in high + low_rates if c["separable"] and c["difference"] > 0]
+    neutral = [n for n, c in low_rates if not c["separable"]]
+    out.append(("(g) decorrelation lowers WER at high compression and is neutral at low",
+                ("too few seeds" if not high else
+                 "holds" if len(better) == len(high) and len(neutral) == len(low_rates) else
+                 "not separable from seed variance" if high and not better and not worse else
+                 "does not hold" if worse or (high and not better) else "partly"),
+                f"high compression ({', '.join(SETTINGS[n].label for n, _ in high)}): lower in "
+                f"{len(better)} of {len(high)} ({', '.join(SETTINGS[n].label for n in better) or 'none'}); "
+                f"low compression: not separable in {len(neutral)} of {len(low_rates)}; higher anywhere: "
+                f"{', '.join(SETTINGS[n].label for n in worse) or 'none'}"))
+
+    # (h) ACT gains less than decorrelation and leaves massive activations in place.
+    parts, gains_less, massive_kept = [], [], []
+    for (name, condition), row in t2.items():
+        if condition != "clean":
+            continue
+        decor = row["decor"]
+        if row["act"] and decor:
+            gains_less.append(row["act"]["mean"] >= decor["mean"])
+        if row["ratio_act"] and row["ratio_base"]:
+            massive_kept.append(row["ratio_act"]["mean"] > 0.5 * row["ratio_base"]["mean"])
+        parts.append(f"{SETTINGS[name].label}: ACT - base {fmt(row['compare'] and {'mean': row['compare']['difference'], 'std': float('nan'), 'n': 0}, 100, 2, False)} "
+                     f"({verdict(row['compare'])}), max ratio {fmt(row['ratio_base'], 1, 0, False)} -> "
+                     f"{fmt(row['ratio_act'], 1, 0, False)}")
+    out.append(("(h) ACT gains less than decorrelation and leaves massive activations in place",
+                ("not measured" if not gains_less or not massive_kept else
+                 "holds" if all(gains_less) and all(massive_kept) else "does not hold"), "; ".join(parts)))
+    return out
+
+
+# ---- figures -------------------------------------------------------------------------------------------------------
+
+
+def plot_emergence(results, path: Path):
+    """Intermediate sinks per probe sample over training steps, base vs the chosen lambda, one panel per setting."""
+    from modeling_llama_avsr.analysis.plots import _pyplot
+
+    plt = _pyplot()
+    names = [n for n in SETTINGS if runs(results, n, "base")]
+    if not names:
+        return None
+    cols = min(4, len(names))
+    fig, axes = plt.subplots((len(names) + cols - 1) // cols, cols, figsize=(3.6 * cols, 2.8 * ((len(names) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        for method, color in (("base", "tab:red"), (choose_lambda(name, results), "tab:blue")):
+            if method is None:
+                continue
+            group = [r for r in runs(results, name, method) if (r.get("sinks") or {}).get("history")]
+            steps = sorted({e["step"] for r in group for e in r["sinks"]["history"]})
+            stats = [mean_std([history_value(r, s, "intermediate_positions") for r in group]) for s in steps]
+            means = [s["mean"] if s else float("nan") for s in stats]
+            stds = [s["std"] if s and math.isfinite(s["std"]) else 0.0 for s in stats]
+            ax.plot(steps, means, color=color, marker="o", ms=3, label=f"{method} (n={len(group)})")
+            ax.fill_between(steps, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=color, alpha=0.15)
+        ax.set_title(SETTINGS[name].label, fontsize=9)
+        ax.set_xlabel("training step", fontsize=8)
+        ax.set_ylabel("intermediate sinks / sample", fontsize=8)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle("Emergence of intermediate sinks during fine-tuning (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_table1(t1, path: Path):
+    from modeling_llama_avsr.analysis.plots import _pyplot
+
+    plt = _pyplot()
+    keys = [k for k in t1 if t1[k]["decor"] is not None]
+    if not keys:
+        return None
+    fig, ax = plt.subplots(figsize=(1.2 * len(keys) + 2, 3.4))
+    xs = range(len(keys))
+    for offset, field, color in ((-0.2, "base", "tab:red"), (0.2, "decor", "tab:blue")):
+        means = [100 * t1[k][field]["mean"] for k in keys]
+        errs = [100 * t1[k][field]["std"] if math.isfinite(t1[k][field]["std"]) else 0 for k in keys]
+        ax.bar([x + offset for x in xs], means, 0.4, yerr=errs, color=color, capsize=2,
+               label="base" if field == "base" else "decorrelation (λ*)")
+    ax.set_xticks(list(xs), [SETTINGS[n].label + ("" if c == "clean" else "\n0 dB") for n, c in keys], fontsize=7)
+    ax.set_ylabel("test WER % (mean ± std)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---- the whole report ----------------------------------------------------------------------------------------------
+
+
+def write_report(results: dict, out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t1_rows, t1 = table1(results)
+    t2_rows, t2 = table2(results, t1)
+    sink_rows, sinks = sink_table(results)
+    reading = readings(results, t1, t2, sinks)
+    figures = [p for p in (plot_table1(t1, out_dir / "table1.png"), plot_emergence(results, out_dir / "emergence.png"))
+               if p]
+    devices = sorted({r.get("device", "?") for r in results.values()})
+    lines = [f"{len(results)} runs finished ({', '.join(devices)}).", "",
+             "Table 1 analogue: test WER, base vs decorrelation at the λ chosen on validation", "", *t1_rows, "",
+             "λ chosen on the validation split (WER %, mean ± std)", "", *lambda_table(results), "",
+             "Table 2 analogue: ACT (heads chosen on validation) on the base models", "", *t2_rows, "",
+             "Sinks, measured on 8 validation utterances per run (layers 2..L-1)", "", *sink_rows, "",
+             "The reading", ""]
+    lines += [f"- **{claim}**: {v}. {numbers}." for claim, v, numbers in reading]
+    lines += ["", "Figures: " + ", ".join(p.name for p in figures)]
+    text = "\n".join(lines) + "\n"
+    (out_dir / "tables.md").write_text(text)
+    serial = {"table1": {f"{k[0]}|{k[1]}": v for k, v in t1.items()}, "table2": {f"{k[0]}|{k[1]}": v for k, v in t2.items()},
+              "sinks": {f"{k[0]}|{k[1]}": v for k, v in sinks.items()},
+              "reading": [{"claim": c, "verdict": v, "numbers": n} for c, v, n in reading]}
+    (out_dir / "grid.json").write_text(json.dumps(serial, indent=1, default=str))
+    return out_dir / "tables.md"
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/reproduce")
+    print(write_report(load_results(out), out / "report"))

@@ -42,6 +42,14 @@ silence, room noise at -60 dBFS and clips shorter than 0.2 s give no text instea
 is typically -35 to -10 dBFS in such frames. `vad_threshold_db=None` turns the check off (video-only input is only
 checked for length).
 
+The batch does not matter. A clip's transcript is the same alone, at any `batch_size` and next to any other clips,
+for either `audio_window` of the processor: in the trimmed window the Whisper encoder masks what lies beyond each
+clip's own frames and 0.5 s of silence (see `LlamaAVSRWhisperEncoder`); the full window is the same 30 s for all.
+
+Checked at the door. Integer PCM is scaled by its type's range; NaN or infinite samples, another rank (stereo), an
+empty array or another dtype raise a ValueError that names the input and says what it was, and so do video frames
+that are NaN, outside 0..255, of another rank or smaller than the lip crop.
+
 Errors. A file that cannot be read raises `MediaError` naming it. With `on_error="report"` the pipeline instead
 returns {"text": None, "error": "<file>: <problem>"} for that input and transcribes the others (the CLI uses this).
 

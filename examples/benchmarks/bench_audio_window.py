@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from modeling_llama_avsr import LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
+from modeling_llama_avsr.configuration_llama_avsr import whisper_trimmed_frames
 from modeling_llama_avsr.data import load_synthetic, read_audio
 from trainer.metrics import word_error_rate
 
@@ -55,7 +56,7 @@ def encode(model, extractor, clips, how):
             f = features(extractor, clips, FULL_WINDOW)
             return encoder(f["input_features"]).last_hidden_state
         if how == "masked":
-            window = min(FULL_WINDOW - HOP, (max(len(c) for c in clips) + HOP - 1) // HOP * HOP + HOP)
+            window = whisper_trimmed_frames(-(-max(len(c) for c in clips) // HOP)) * HOP  # as the processor pads
             f = features(extractor, clips, window)
             return encoder(f["input_features"], attention_mask=f["attention_mask"]).last_hidden_state
         groups = {}
@@ -89,17 +90,19 @@ def transcribe(model, processor, clips, how, batch_size):
         if how == "full":
             f = features(processor.feature_extractor, batch_clips, FULL_WINDOW)
             batch["input_features"], batch["feature_attention_mask"] = f["input_features"], f["attention_mask"]
-        context = unmasked(encoder) if how != "masked" else contextlib.nullcontext()
+        def context():  # a fresh one for each use: a contextmanager cannot be entered twice
+            return unmasked(encoder) if how != "masked" else contextlib.nullcontext()
+
         if isinstance(how, tuple):  # one call per bucket, so that each clip has its own bucket's window
             for i, clip in enumerate(batch_clips):
                 one = processor(audio=[clip])
                 f = features(processor.feature_extractor, [clip], bucket_window(len(clip), how[1]))
                 one["input_features"], one["feature_attention_mask"] = f["input_features"], f["attention_mask"]
-                with context, torch.no_grad():
+                with context(), torch.no_grad():
                     out = model.generate(**one, max_new_tokens=40)
                 texts += processor.batch_decode(out[:, one["input_ids"].shape[1] :])
             continue
-        with context, torch.no_grad():
+        with context(), torch.no_grad():
             out = model.generate(**batch, max_new_tokens=40)
         texts += processor.batch_decode(out[:, batch["input_ids"].shape[1] :])
     return texts

@@ -237,6 +237,9 @@ def main(argv=None, study=None):
     corpus_seconds = time.perf_counter() - start
 
     model, processor = build(model_args)
+    # Saved with the processor: the pipeline cuts long recordings to what the model was trained on.
+    seen = [*train_set["duration"], *(processor.training_clip_seconds or [])]
+    processor.training_clip_seconds = [round(min(seen), 3), round(max(seen), 3)]
     babble = list(train_set["audio_path"])
     train_collator = AVSRDataCollator(
         processor, train=True, train_noise=noise(data_args.train_noise, (-5.0, 0.0, 5.0, 10.0, 15.0, 20.0, float("inf"))),

@@ -73,6 +73,21 @@ def whisper_encoder_length(num_mel_frames):
     return (num_mel_frames + WHISPER_ENCODER_STRIDE - 1) // WHISPER_ENCODER_STRIDE
 
 
+# A clip in a trimmed window (shorter than Whisper's 30 s) is encoded on its own log-mel frames, the extractor's one
+# frame beyond them and this much of the log-mel of silence after it; the encoder masks the rest, so the features
+# depend on the clip alone, and every clip is followed by some silence, as in Whisper's pretraining.
+WHISPER_TRIMMED_SILENCE_FRAMES = 50  # 0.5 s
+WHISPER_FULL_WINDOW_FRAMES = 3000
+
+
+def whisper_trimmed_frames(num_mel_frames):
+    """Log-mel frames a clip with `num_mel_frames` real ones is encoded on in a trimmed window (ints or tensors);
+    at most 2998, so that a trimmed window is never taken for the full one, which is attended whole."""
+    frames = num_mel_frames + 1 + WHISPER_TRIMMED_SILENCE_FRAMES
+    limit = WHISPER_FULL_WINDOW_FRAMES - WHISPER_ENCODER_STRIDE
+    return frames.clamp(max=limit) if hasattr(frames, "clamp") else min(frames, limit)
+
+
 def resolve_component(name_or_path) -> str:
     """Where to load a component from: an offline name -> its local conversion (made on first use) where llama-avsr
     is installed; anything else (a folder, a Hub id) unchanged. A copy of this file saved for trust_remote_code
@@ -193,4 +208,5 @@ __all__ = [
     "compressed_length",
     "resolve_component",
     "whisper_encoder_length",
+    "whisper_trimmed_frames",
 ]

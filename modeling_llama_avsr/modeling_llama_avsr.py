@@ -19,13 +19,19 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModel, DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from transformers.utils.import_utils import torch_compilable_check
 
 from .configuration_avhubert import AVHubertConfig
-from .configuration_llama_avsr import LlamaAVSRConfig, compressed_length, resolve_component, whisper_encoder_length
+from .configuration_llama_avsr import (
+    LlamaAVSRConfig,
+    compressed_length,
+    resolve_component,
+    whisper_encoder_length,
+    whisper_trimmed_frames,
+)
 from .modeling_avhubert import AVHubertModel
 from .tokenization_llama_avsr import load_component_tokenizer
 
@@ -56,23 +62,43 @@ def compress(features: torch.Tensor, valid: torch.Tensor, rate: int, kind: str, 
 
 
 class LlamaAVSRWhisperEncoder(WhisperEncoder):
-    """Whisper's encoder on any log-mel window up to 30 s.
+    """Whisper's encoder on any log-mel window up to 30 s; in a shorter one, each clip sees only its own window.
 
     Whisper was pretrained on 30-s windows and transformers' encoder refuses anything else. The processor's default
-    (`audio_window="full"`) keeps that. With `audio_window="trimmed"` it pads only to the batch's longest clip, and
-    this forward runs the same layers on that shorter window: the real frames see less trailing silence, and a
-    3-s clip costs about a tenth of the full window. Parameter names are Whisper's, so checkpoints are unchanged."""
+    (`audio_window="full"`) keeps that window, and there the encoder runs exactly as pretrained (and as the reference
+    code runs it): every frame, padding included, is attended; every clip has the same window, so the batch does not
+    matter. `audio_window="trimmed"` pads only as far as the batch's longest clip needs (about a tenth of the work on
+    3-s clips). There, given the (B, F) mask of real mel frames, each clip is encoded on its own window
+    (`whisper_trimmed_frames`: its frames and 0.5 s of the silence after them), whatever else is in the batch, as
+    transformers' Qwen2-Audio masks its Whisper encoder: mel frames beyond that window are zeroed, so the
+    convolutions see the zeros they see at the end of the clip's window alone, and self-attention never attends an
+    encoder frame whose convolutions reach beyond it. The processor never trims to the full 3000 frames, so the two
+    cases cannot be confused. Parameter names are Whisper's, so checkpoints are unchanged."""
 
-    def forward(self, input_features: torch.Tensor, attention_mask=None, **kwargs) -> BaseModelOutput:
+    def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> BaseModelOutput:
         window = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
         if input_features.shape[-1] > window:
             raise ValueError(f"Whisper takes at most {window} log-mel frames (30 s), got {input_features.shape[-1]}")
+        masked = attention_mask is not None and input_features.shape[-1] < window  # a shape, not a value: no sync
+        if masked:
+            own = whisper_trimmed_frames(attention_mask.sum(-1))  # (B,) mel frames of each clip's own window
+            mel_frames = torch.arange(input_features.shape[-1], device=own.device)
+            input_features = input_features * (mel_frames < own[:, None]).to(input_features.dtype)[:, None, :]
         hidden = nn.functional.gelu(self.conv1(input_features))
         hidden = nn.functional.gelu(self.conv2(hidden)).permute(0, 2, 1)
         hidden = hidden + self.embed_positions.weight[: hidden.shape[1]]
         hidden = nn.functional.dropout(hidden, p=self.dropout, training=self.training)
+        frame_mask = None
+        if masked:
+            # Encoder frame j reads mel frames up to 2j + 2: within the clip's window for j < own // 2.
+            frames = torch.arange(hidden.shape[1], device=hidden.device) < (own // 2)[:, None]
+            # No skip when nothing is padded: deciding that would read the mask on the host (a synchronisation).
+            frame_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=hidden, attention_mask=frames, allow_is_bidirectional_skip=False
+            )
         for layer in self.layers:  # no layerdrop: the encoder is frozen (and Whisper's layerdrop is 0)
-            hidden = layer(hidden, None)
+            hidden = layer(hidden, frame_mask)
         return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
 
 
@@ -202,7 +228,9 @@ class LlamaAVSRModel(LlamaAVSRPreTrainedModel):
         """(B, n_mels, F <= 3000) log-mel with a (B, F) mel-frame mask -> (B, n, d) compressed Whisper tokens (not yet
         projected) and their (B, n) mask."""
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
-        frames = self._encode(self.audio_encoder, input_features=input_features.to(encoder_dtype))
+        frames = self._encode(
+            self.audio_encoder, input_features=input_features.to(encoder_dtype), attention_mask=feature_attention_mask
+        )
         if feature_attention_mask is None:
             real = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
         else:

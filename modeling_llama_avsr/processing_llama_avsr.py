@@ -6,6 +6,8 @@ n and m are the numbers of compressed encoder tokens of each clip, computed with
 so the model can replace the placeholders one for one. Labels are -100 everywhere but the transcript and its EOS.
 """
 
+import logging
+
 import numpy as np
 import torch
 from transformers import BatchFeature, ProcessorMixin, WhisperFeatureExtractor
@@ -21,8 +23,62 @@ from .configuration_llama_avsr import (
     compressed_length,
     resolve_component,
     whisper_encoder_length,
+    whisper_trimmed_frames,
 )
 from .tokenization_llama_avsr import load_component_tokenizer, prepare_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def as_float_audio(samples, what: str = "audio") -> np.ndarray:
+    """Mono samples as float32, checked: what the processor and the pipeline accept as an audio array.
+
+    Integer PCM is scaled by its type's range, as soundfile reads it (int16 / 32768; unsigned types such as 8-bit
+    wav are offset binary, centred on 128); floats are taken as they are (Whisper expects [-1, 1]). Anything else,
+    another rank, no samples, or NaN/infinite samples raise a ValueError that starts with `what` and says what was
+    given."""
+    array = np.asarray(samples)
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{what} must be integer PCM or float samples, got an array of dtype {array.dtype}")
+    if array.ndim != 1:
+        hint = " (mix the channels down or pick one first)" if array.ndim == 2 and min(array.shape) <= 8 else ""
+        raise ValueError(f"{what} must be mono 1-D samples, got an array of shape {array.shape}{hint}")
+    if array.size == 0:
+        raise ValueError(f"{what} is empty (no samples)")
+    if array.dtype.kind == "u":
+        middle = (int(np.iinfo(array.dtype).max) + 1) // 2
+        array = (array.astype(np.float64) - middle) / middle
+    elif array.dtype.kind == "i":
+        array = array.astype(np.float64) / -float(np.iinfo(array.dtype).min)
+    bad = int(array.size - np.isfinite(array).sum())
+    if bad:
+        raise ValueError(f"{what} contains {bad} NaN or infinite samples (of {array.size})")
+    return array.astype(np.float32, copy=False)
+
+
+def as_video_frames(video, what: str = "video", crop_size: int = 88) -> np.ndarray:
+    """(T, H, W) or (T, H, W, C) frames with pixel values 0..255 (uint8, or any real type in that range), checked
+    like `as_float_audio`: the wrong rank, no frames, frames smaller than the crop, non-finite or out-of-range
+    values raise a ValueError that starts with `what`. Returns the array unchanged."""
+    video = np.asarray(video)
+    if video.dtype.kind not in "iuf":
+        raise ValueError(f"{what} must hold pixel values (uint8), got an array of dtype {video.dtype}")
+    if video.ndim not in (3, 4) or (video.ndim == 4 and video.shape[-1] not in (1, 3)):
+        raise ValueError(f"{what} must be (T, H, W) or (T, H, W, C) frames with C 1 or 3, got shape {video.shape}")
+    t, h, w = video.shape[:3]
+    if t == 0:
+        raise ValueError(f"{what} has no frames")
+    if h < crop_size or w < crop_size:
+        raise ValueError(f"{what} frames are {h}x{w}, smaller than the {crop_size}x{crop_size} lip crop")
+    if video.dtype != np.uint8:
+        if video.dtype.kind == "f" and not np.isfinite(video).all():
+            raise ValueError(f"{what} contains NaN or infinite pixel values")
+        low, high = video.min(), video.max()
+        if low < 0 or high > 255:
+            raise ValueError(f"{what} pixel values must lie in 0..255 (uint8 frames), got {low:g}..{high:g}")
+        if video.dtype.kind == "f" and high <= 1.0:
+            logger.warning("%s: float pixel values all in [0, 1]; frames are expected in 0..255", what)
+    return video
 
 
 class LlamaAVSRProcessor(ProcessorMixin):
@@ -34,7 +90,8 @@ class LlamaAVSRProcessor(ProcessorMixin):
             as in the model's config; they decide the sequence layout and must match the model.
         video_crop_size, video_mean, video_std: lip frames are centre-cropped, scaled to [0, 1] and normalised.
         audio_window (`"full" | "trimmed"`): pad log-mel to Whisper's 30-s window (as pretrained, and as the reference
-            does) or only to the batch's longest clip (much faster; see `LlamaAVSRWhisperEncoder`).
+            does) or only as far as the batch's longest clip needs (much faster; the encoder then masks what
+            each clip does not need, so its features do not depend on its batch; see `LlamaAVSRWhisperEncoder`).
         normalize_waveform (`bool`): zero-mean unit-variance audio before Whisper, as the reference code does. Off by
             default: Whisper was pretrained on raw amplitudes and its log-mel is not gain invariant.
         transcript_leading_space (`bool`): tokenise a target as `" " + transcript` (default: the transcript reads as
@@ -43,6 +100,9 @@ class LlamaAVSRProcessor(ProcessorMixin):
         video_output (`"normalized" | "uint8"`): `pixel_values_videos` as normalised float32 frames, or as the cropped
             uint8 frames (a quarter of the bytes to move to the device), which the model normalises there, to the same
             values (its config's `video_mean` / `video_std` must equal this processor's).
+        training_clip_seconds (`[shortest, longest]`, *optional*): the durations of the clips the model was trained
+            on, recorded by `examples/run_avsr.py`; the pipeline cuts long recordings into pieces of at most the
+            longest.
     """
 
     def __init__(
@@ -61,8 +121,14 @@ class LlamaAVSRProcessor(ProcessorMixin):
         normalize_waveform: bool = False,
         transcript_leading_space: bool = True,
         video_output: str = "normalized",
+        training_clip_seconds: list[float] | None = None,
         **kwargs,
     ):
+        if training_clip_seconds is not None:
+            training_clip_seconds = [float(x) for x in training_clip_seconds]
+            if len(training_clip_seconds) != 2 or not 0 < training_clip_seconds[0] <= training_clip_seconds[1]:
+                raise ValueError(f"training_clip_seconds must be [shortest, longest] seconds, got {training_clip_seconds}")
+        self.training_clip_seconds = training_clip_seconds
         if audio_window not in ("full", "trimmed"):
             raise ValueError(f"audio_window must be 'full' or 'trimmed', got {audio_window!r}")
         if video_output not in ("normalized", "uint8"):
@@ -114,24 +180,20 @@ class LlamaAVSRProcessor(ProcessorMixin):
             raise ValueError(f"audio must be sampled at {SAMPLING_RATE} Hz, got {sampling_rate} Hz; resample it first")
         clips = []
         for i, clip in enumerate(audio):
-            clip = np.asarray(clip, dtype=np.float32)
-            if clip.ndim != 1:
-                raise ValueError(f"audio clip {i} must be mono 1-D samples, got shape {clip.shape}")
-            if clip.size == 0:
-                raise ValueError(f"audio clip {i} is empty")
+            clip = as_float_audio(clip, f"audio clip {i}")
             if clip.size > MAX_AUDIO_SECONDS * SAMPLING_RATE:
                 raise ValueError(
                     f"audio clip {i} lasts {clip.size / SAMPLING_RATE:.1f} s; Whisper's window is "
                     f"{MAX_AUDIO_SECONDS:.0f} s. Split longer recordings first."
                 )
-            if not np.isfinite(clip).all():
-                raise ValueError(f"audio clip {i} contains NaN or infinite samples")
             clips.append(clip)
         window = int(MAX_AUDIO_SECONDS * SAMPLING_RATE)
         if self.audio_window == "trimmed":
-            # One hop beyond the longest clip: the extractor drops the last STFT frame, which must be padding.
+            # Long enough for every clip's own encoding window (whisper_trimmed_frames): its frames, one more (the
+            # extractor drops the last STFT frame, which must be padding) and 0.5 s of silence. Never the full
+            # 3000 frames, so the last 20 ms of a clip of 29.98 s or more are not heard.
             hop = self.feature_extractor.hop_length
-            window = min(window, (max(len(c) for c in clips) + hop - 1) // hop * hop + hop)
+            window = whisper_trimmed_frames(-(-max(len(c) for c in clips) // hop)) * hop
         features = self.feature_extractor(
             clips,
             sampling_rate=SAMPLING_RATE,
@@ -151,16 +213,10 @@ class LlamaAVSRProcessor(ProcessorMixin):
         frames, lengths = [], []
         size = self.video_crop_size
         for i, video in enumerate(videos):
-            video = np.asarray(video)
-            if video.ndim == 4 and video.shape[-1] in (1, 3):
+            video = as_video_frames(video, f"video {i}", size)
+            if video.ndim == 4:
                 video = video[..., 0] if video.shape[-1] == 1 else video.astype(np.float32) @ np.asarray(LUMA_WEIGHTS, np.float32)
-            if video.ndim != 3:
-                raise ValueError(f"video {i} must be (T, H, W) or (T, H, W, C) frames, got shape {video.shape}")
             t, h, w = video.shape
-            if t == 0:
-                raise ValueError(f"video {i} has no frames")
-            if h < size or w < size:
-                raise ValueError(f"video {i} frames are {h}x{w}, smaller than the {size}x{size} lip crop")
             top, left = (h - size) // 2, (w - size) // 2
             crop = video[:, top : top + size, left : left + size]
             if self.video_output == "uint8":
@@ -296,4 +352,4 @@ class LlamaAVSRProcessor(ProcessorMixin):
         return names
 
 
-__all__ = ["LlamaAVSRProcessor"]
+__all__ = ["LlamaAVSRProcessor", "as_float_audio", "as_video_frames"]

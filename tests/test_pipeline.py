@@ -145,9 +145,11 @@ def test_long_input_is_chunked_at_quiet_points():
 
     model, processor = build("asr")
     pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
-    result = pipe(audio, return_chunks=True)
+    result = pipe(audio, chunk_length_s=30, return_timestamps=True)
     assert len(result["chunks"]) == 3
     assert result["text"] == " ".join(c["text"] for c in result["chunks"])
+    assert result["chunks"][0]["timestamp"][0] == 0 and result["chunks"][-1]["timestamp"][1] == 61.6
+    assert pipe(audio, chunk_length_s=30, return_chunks=True) == result  # the old name
     with pytest.raises(ValueError, match="at most 30"):
         pipe(audio, chunk_length_s=40)
 
@@ -213,3 +215,146 @@ def test_example_script_runs(media, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith(str(root / "lips0.wav") + "\t")
+
+
+# ---- no speech, inputs checked at the door, long recordings, the other task, the command line ------------------
+
+
+def noise(seconds, dbfs, seed=0):
+    """White noise whose RMS level is `dbfs` dB below full scale."""
+    return (10 ** (dbfs / 20) * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+def test_silence_faint_noise_and_tiny_clips_give_no_text():
+    model, processor = build("asr")
+    pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)  # min_new_tokens: the model always talks
+    for audio in (np.zeros(32000, np.float32), noise(2, -60), noise(0.1, -20), noise(10 / 16000, -20),
+                  np.concatenate([np.zeros(16000, np.float32), noise(0.15, -20), np.zeros(16000, np.float32)])):
+        assert pipe(audio) == {"text": ""}, len(audio)
+    assert pipe(noise(1, -45))["text"] != ""  # above the -50 dBFS threshold: transcribed
+    assert pipe(noise(2, -60), vad_threshold_db=None)["text"] != ""  # the check turned off
+    # In a long recording only the pieces with speech are transcribed; silent ones leave no chunk.
+    long = np.concatenate([noise(8, -20), np.zeros(12 * 16000, np.float32), noise(8, -20, seed=1)])
+    result = pipe(long, chunk_length_s=10, return_timestamps=True)
+    assert [c["timestamp"] for c in result["chunks"]] == [(0.0, 8.0), (20.0, 28.0)]
+
+
+def test_integer_pcm_is_scaled_and_bad_arrays_are_refused_at_the_door():
+    model, processor = build("asr")
+    pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
+    audio = noise(1, -20)
+    pcm = np.round(audio * 32767).astype(np.int16)
+    assert pipe(pcm) == pipe(pcm.astype(np.float32) / 32768)
+    assert pipe({"raw": pcm, "sampling_rate": 16000}) == pipe(pcm)
+    resampled = pipe({"raw": pcm[::2], "sampling_rate": 8000})["text"]
+    assert resampled == pipe({"raw": pcm[::2].astype(np.float32) / 32768, "sampling_rate": 8000})["text"]
+    for bad, message in (
+        (np.stack([audio, audio], axis=1), r"shape \(16000, 2\)"),
+        (np.array([0.1, np.nan, 0.2], np.float32), "1 NaN or infinite"),
+        (np.zeros(0, np.float32), "empty"),
+        (audio > 0, "dtype bool"),
+        ({"raw": audio, "sampling_rate": -8000}, "sampling_rate must be a positive number"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            pipe(bad)
+    reported = pipe([np.zeros((4, 2), np.float32), audio], on_error="report")
+    assert reported[0]["text"] is None and "<audio array>: audio must be mono" in reported[0]["error"]
+    assert reported[1] == pipe(audio)
+    vsr, vsr_processor = build("vsr")
+    vsr_pipe = pipeline(TASK, model=vsr, processor=vsr_processor, **GENERATE)
+    with pytest.raises(ValueError, match="NaN or infinite pixel"):
+        vsr_pipe(np.full((10, 96, 96), np.nan, np.float32))
+
+
+def speech_like(pieces, seed=0):
+    """Bursts of noise at -20 dBFS (seconds > 0) and silences (seconds < 0), as one array."""
+    parts = [noise(s, -20, seed + i) if s > 0 else np.zeros(int(-s * 16000), np.float32) for i, s in enumerate(pieces)]
+    return np.concatenate(parts)
+
+
+def test_default_chunk_length_follows_the_training_clips_and_long_pieces_warn(caplog):
+    model, processor = build("asr")
+    pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
+    assert pipe.default_chunk_length_s == 10.0  # nothing recorded: the documented default
+    processor.training_clip_seconds = [1.0, 2.0]
+    assert pipe.default_chunk_length_s == 2.5  # the longest clip and room for the pauses around it
+    # Bursts of 1.2-1.6 s: any two would fit in 2.5 s only without their pause; every piece is one burst, its
+    # timestamps the burst's span.
+    audio = speech_like([1.5, -0.3, 1.2, -0.3, 1.6, -0.3, 1.4])
+    result = pipe(audio, return_timestamps=True)
+    assert [c["timestamp"] for c in result["chunks"]] == [(0.0, 1.5), (1.8, 3.0), (3.3, 4.9), (5.2, 6.6)]
+    # Pauses of 0.15 s are found too, and a long input is cut at every pause (a piece of at least 1 s each side).
+    audio = speech_like([1.1, -0.15, 1.0, -0.15, 1.1, 0.5])
+    assert [c["timestamp"] for c in pipe(audio, return_timestamps=True)["chunks"]] == [
+        (0.0, 1.1), (1.24, 2.26), (2.4, 4.0)]
+    assert "trained on clips of at most" not in caplog.text
+    with caplog.at_level("WARNING"):
+        pipe(audio, chunk_length_s=6)
+    assert "trained on clips of at most 2.0 s" in caplog.text
+
+
+def test_overlapping_pieces_are_merged():
+    from modeling_llama_avsr.pipeline_llama_avsr import merge_overlapping
+
+    assert merge_overlapping(["a b c d", "c d e f", "f g"]) == [
+        ("a", 0), ("b", 0), ("c", 0), ("d", 1), ("e", 1), ("f", 1), ("g", 2)]
+    assert merge_overlapping(["a b x", "y c d"]) == [("a", 0), ("b", 0), ("x", 0), ("y", 1), ("c", 1), ("d", 1)]
+    assert merge_overlapping(["a b c", "c d"], overlapping=False) == [
+        ("a", 0), ("b", 0), ("c", 0), ("c", 1), ("d", 1)]
+    assert merge_overlapping(["", "a b", ""]) == [("a", 1), ("b", 1)]
+
+    model, processor = build("asr")
+    pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
+    audio = speech_like([1.5, -0.3, 1.2, -0.3, 1.6, -0.3, 1.4])
+    items = list(pipe.preprocess(audio, chunk_length_s=2.8, stride_length_s=(0.2, 0.4)))
+    assert len(items) > 1 and all(len(item["audio"]) <= 2.8 * 16000 for item in items)
+    for before, after in zip(items, items[1:]):  # neighbours share 0.2 + 0.4 s
+        np.testing.assert_array_equal(before["audio"][-9600:], after["audio"][:9600])
+    assert sum(len(item["audio"]) for item in items) == len(audio) + 9600 * (len(items) - 1)
+    result = pipe(audio, chunk_length_s=2.6, stride_length_s=0.4, return_timestamps=True)
+    assert result["text"] == " ".join(c["text"] for c in result["chunks"])
+    with pytest.raises(ValueError, match="shorter than chunk_length_s"):
+        pipe(audio, chunk_length_s=2.0, stride_length_s=1.0)
+    with pytest.raises(ValueError, match="no word or character timings"):
+        pipe(audio, return_timestamps="word")
+
+
+def test_the_asr_task_names_the_right_one(tmp_path):
+    model, processor = build("asr")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r'pipeline\("audio-visual-speech-recognition"'):
+        pipeline("automatic-speech-recognition", model=str(tmp_path))
+    # and the package's own task still loads the same folder
+    assert pipeline(TASK, model=str(tmp_path), **GENERATE)(noise(1, -20))["text"]
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--model", "{missing}"], "no such folder"),
+        (["--model", "{model}", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--model", "{model}", "--device", "cuda"], "CUDA is not available"),
+        (["--model", "{model}", "--device", "gpu7"], "is not a device"),
+        (["--model", "{model}", "--chunk-length", "45"], "--chunk-length must be in"),
+        (["--model", "{empty}"], "not a saved model folder"),
+    ],
+)
+def test_cli_reports_user_errors_in_one_line(flags, message, media, tmp_path_factory, capsys):
+    from modeling_llama_avsr.cli import main
+
+    if torch.cuda.is_available() and "cuda" in flags:
+        pytest.skip("CUDA is available here")
+    root, _ = media
+    model_dir = root / "cli_model"
+    if not model_dir.exists():
+        model, processor = build("asr")
+        model.save_pretrained(model_dir)
+        processor.save_pretrained(model_dir)
+    (root / "empty_dir").mkdir(exist_ok=True)
+    paths = {"missing": str(root / "no_such_model"), "model": str(model_dir), "empty": str(root / "empty_dir")}
+    capsys.readouterr()
+    status = main(["transcribe", str(root / "lips0.wav"), *[f.format(**paths) for f in flags]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert len(err) == 1 and err[0].startswith("llama-avsr transcribe: error: ") and message in err[0], err

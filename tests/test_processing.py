@@ -102,12 +102,80 @@ def test_trimmed_window_keeps_real_frames_and_token_counts():
     trimmed.audio_window = "trimmed"
     clips = [a for a, _ in random_clips(2, seconds=(0.5, 1.5))]
     a, b = full(audio=clips), trimmed(audio=clips)
-    assert b["input_features"].shape[-1] == -(-max(len(c) for c in clips) // 160) + 1
+    # The longest clip's frames, the extractor's one beyond them, and 0.5 s of silence.
+    assert b["input_features"].shape[-1] == -(-max(len(c) for c in clips) // 160) + 1 + 50
     for i, clip in enumerate(clips):
         frames = int(b["feature_attention_mask"][i].sum())
         assert frames == int(a["feature_attention_mask"][i].sum())
         torch.testing.assert_close(b["input_features"][i, :, :frames], a["input_features"][i, :, :frames])
     torch.testing.assert_close(a["input_ids"], b["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "dtype,scale,offset",
+    [(np.int16, 32768, 0), (np.int32, 2**31, 0), (np.int8, 128, 0), (np.uint8, 128, 128)],
+)
+def test_integer_pcm_is_scaled_by_its_range(dtype, scale, offset):
+    # The same clip as float and as integer PCM (an int16 wav read without dtype=float) gives the same features.
+    processor = tiny_processor("asr")
+    info = np.iinfo(dtype)
+    pcm = np.random.default_rng(0).integers(info.min, int(info.max) + 1, size=8000).astype(dtype)
+    expected = (pcm.astype(np.float64) - offset) / scale
+    from modeling_llama_avsr.processing_llama_avsr import as_float_audio
+
+    np.testing.assert_allclose(as_float_audio(pcm), expected, rtol=0, atol=1e-7)
+    torch.testing.assert_close(processor(audio=[pcm])["input_features"],
+                               processor(audio=[expected.astype(np.float32)])["input_features"])
+
+
+@pytest.mark.parametrize(
+    "audio,message",
+    [
+        (np.array([0.1, np.inf, np.nan, 0.2], np.float32), "2 NaN or infinite samples"),
+        (np.zeros((16000, 2), np.float32), r"shape \(16000, 2\).*mix the channels"),
+        (np.zeros((), np.float32), r"shape \(\)"),
+        (np.zeros(100, bool), "dtype bool"),
+        (np.zeros(100, complex), "dtype complex"),
+        (np.array(["a", "b"]), "dtype <U1"),
+        (np.zeros(0, np.int16), "empty"),
+    ],
+)
+def test_bad_audio_arrays_say_what_was_given(audio, message):
+    with pytest.raises(ValueError, match=f"audio clip 0 .*{message}"):
+        tiny_processor("asr")(audio=[audio])
+
+
+@pytest.mark.parametrize(
+    "video,message",
+    [
+        (np.full((3, 96, 96), np.nan, np.float32), "NaN or infinite"),
+        (np.full((3, 96, 96), 300.0, np.float32), r"0\.\.255.*got 300\.\.300"),
+        (np.zeros((3, 96, 96, 4), np.uint8), r"shape \(3, 96, 96, 4\)"),
+        (np.zeros((96, 96), np.uint8), r"shape \(96, 96\)"),
+        (np.zeros((3, 96, 96), bool), "dtype bool"),
+    ],
+)
+def test_bad_video_arrays_say_what_was_given(video, message):
+    with pytest.raises(ValueError, match=f"video 0 .*{message}"):
+        tiny_processor("vsr")(videos=[video])
+
+
+def test_float_frames_in_0_255_equal_uint8():
+    processor = tiny_processor("vsr")
+    frames = np.random.default_rng(0).integers(0, 256, size=(4, 96, 96), dtype=np.uint8)
+    torch.testing.assert_close(processor(videos=[frames.astype(np.float32)])["pixel_values_videos"],
+                               processor(videos=[frames])["pixel_values_videos"])
+
+
+def test_training_clip_seconds_is_saved_and_checked(tmp_path):
+    processor = tiny_processor("asr")
+    assert processor.training_clip_seconds is None
+    processor.training_clip_seconds = [1.32, 3.04]
+    processor.save_pretrained(tmp_path)
+    assert LlamaAVSRProcessor.from_pretrained(tmp_path).training_clip_seconds == [1.32, 3.04]
+    with pytest.raises(ValueError, match="shortest, longest"):
+        LlamaAVSRProcessor(feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer,
+                           training_clip_seconds=[3.0, 1.0])
 
 
 def test_original_settings_survive_save_and_load(tmp_path):

@@ -78,6 +78,14 @@ def test_short_run_evaluates_keeps_the_best_and_saves_both_kinds(tmp_path, offli
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     best = min(summary["validation"], key=lambda log: (log["eval_wer"], log["step"]))
     assert state["best_model_checkpoint"].endswith(f"checkpoint-{best['step']}")
+    # The pipeline's default chunk length follows the training clips, recorded with the processor (issue 11).
+    from modeling_llama_avsr import LlamaAVSRProcessor
+    from modeling_llama_avsr.data import load_synthetic
+
+    durations = load_synthetic(tmp_path / "corpus", "train")["duration"]
+    for kind in ("final", "final-light"):
+        recorded = LlamaAVSRProcessor.from_pretrained(out / kind).training_clip_seconds
+        assert recorded == [round(min(durations), 3), round(max(durations), 3)]
     for kind in ("final", "final-light"):
         model = LlamaAVSRForConditionalGeneration.from_pretrained(out / kind)
         assert model.config.base_components["text_model"] in ("smollm2-135m", "HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -1,0 +1,76 @@
+"""Long recordings made of corpus clips: cut where the utterances meet, and transcribed about as well as the clips
+one by one. The clips come from a corpus built here with another seed than the main job's (sentences and timings
+the model did not train on)."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import pipeline
+
+from modeling_llama_avsr import LlamaAVSRForConditionalGeneration
+
+from tiny import tiny_config, tiny_processor, tiny_tokenizer
+
+pytest.importorskip("espeakng_loader")
+pytest.importorskip("av")
+
+TASK = "audio-visual-speech-recognition"
+ROOT = Path(__file__).resolve().parents[1]
+# A trained ASR model: the main job's (python examples/run_avsr.py), or the folder this variable names.
+TRAINED = Path(os.environ.get("LLAMA_AVSR_ASR_MODEL", ROOT / "outputs" / "run_avsr" / "final"))
+PAUSE_S = 0.3  # between utterances, as a speaker pauses between sentences
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from modeling_llama_avsr.data import load_synthetic, make_corpus, read_audio
+
+    corpus = make_corpus(tmp_path_factory.mktemp("long") / "corpus", num_train=0, num_validation=0, num_test=30,
+                         seed=11, progress=False)
+    test = load_synthetic(corpus, "test")
+    return [read_audio(path) for path in test["audio_path"]], list(test["text"])
+
+
+def recording(audio, pause_s):
+    silence = np.zeros(int(pause_s * 16000), np.float32)
+    return np.concatenate([part for clip in audio for part in (clip, silence)][:-1])
+
+
+def test_a_recording_is_cut_between_its_utterances(clips):
+    audio, _ = clips
+    tokenizer = tiny_tokenizer()
+    model = LlamaAVSRForConditionalGeneration(tiny_config("asr", tokenizer=tokenizer)).eval()
+    processor = tiny_processor("asr", tokenizer=tokenizer)
+    lengths = [len(clip) / 16000 for clip in audio]
+    processor.training_clip_seconds = [min(lengths), max(lengths)]  # as if trained on clips like these
+    pipe = pipeline(TASK, model=model, processor=processor)
+    long = recording(audio, PAUSE_S)
+    assert len(long) / 16000 > 60
+    pieces = list(pipe.preprocess(long))
+    assert len(pieces) == len(audio)  # one utterance per piece
+    ends = np.cumsum([len(clip) / 16000 + PAUSE_S for clip in audio])
+    for piece, clip_end in zip(pieces, ends):
+        assert piece["end"] <= clip_end - PAUSE_S + 0.04  # the voiced span ends with its utterance ...
+        assert len(piece["audio"]) <= (pipe.default_chunk_length_s + 0.04) * 16000
+    cuts = np.cumsum([len(piece["audio"]) for piece in pieces])[:-1] / 16000
+    for cut, clip_end in zip(cuts, ends):  # ... and every cut falls in the pause after it
+        assert clip_end - PAUSE_S - 0.04 <= cut <= clip_end + 0.04
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TRAINED / "config.json").is_file(),
+                    reason=f"needs a trained ASR model at {TRAINED} (python examples/run_avsr.py, or set "
+                           "LLAMA_AVSR_ASR_MODEL)")
+def test_long_recording_wer_is_close_to_one_by_one(clips):
+    from trainer.metrics import word_error_rate
+
+    audio, texts = clips
+    pipe = pipeline(TASK, model=str(TRAINED))
+    one_by_one = word_error_rate([r["text"] for r in pipe(audio, batch_size=8)], texts)
+    reference = [" ".join(texts)]
+    chunked = word_error_rate([pipe(recording(audio, PAUSE_S), batch_size=8)["text"]], reference)
+    assert chunked <= one_by_one + 0.03, (chunked, one_by_one)
+    # The old default, 30-s pieces, loses most of the words.
+    assert word_error_rate([pipe(recording(audio, PAUSE_S), chunk_length_s=30)["text"]], reference) > 0.5

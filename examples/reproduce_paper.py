@@ -282,7 +282,7 @@ def run_cells(cells, out, lip_encoder, extra, workers: int, force: bool, deadlin
         return
     # spawn: CUDA cannot be forked; each process keeps its compiled kernels across the cells it runs. Cells are handed
     # out one at a time, so that after the deadline no new cell starts while the running ones finish and write.
-    pending, running = list(jobs), {}
+    pending, running = list(jobs), set()
     with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         done = 0
         while pending or running:
@@ -291,13 +291,9 @@ def run_cells(cells, out, lip_encoder, extra, workers: int, force: bool, deadlin
                     logger.warning("time budget spent: %d cells left for a rerun", len(pending))
                     pending = []
                     break
-                job = pending.pop(0)
-                running[pool.submit(_worker, job)] = job
-            if not running:
-                break
-            finished, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+                running.add(pool.submit(_worker, pending.pop(0)))
+            finished, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
             for future in finished:
-                running.pop(future)
                 name, error = future.result()
                 done += 1
                 logger.info("[%d/%d] %s %s", done, len(jobs), name, "failed: see error.json" if error else "done")

@@ -11,7 +11,7 @@ from transformers import pipeline
 
 from modeling_llama_avsr import LlamaAVSRForConditionalGeneration
 
-from tiny import random_clips, tiny_config, tiny_processor, tiny_tokenizer
+from tiny import tiny_config, tiny_processor, tiny_tokenizer
 
 GENERATE = dict(max_new_tokens=6, min_new_tokens=6)
 # Lengths that give odd and even numbers of log-mel frames, from a tenth of a second to 2.5 s.

@@ -11,7 +11,6 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import GenerationMixin
 
-from modeling_llama_avsr import LlamaAVSRForConditionalGeneration
 from trainer import AVSRTrainer, AVSRTrainingArguments, decorrelation_loss
 from trainer.avsr_trainer import LogitsToKeepCollator, apply_liger_kernel_to_text_model
 from trainer.decorrelation import layer_indices

@@ -47,12 +47,10 @@ tests/test_multi_process.py checks the sharding there.
 """
 
 import argparse
-import contextlib
 import datetime
 import gc
 import json
 import logging
-import math
 import os
 import platform
 import signal
@@ -75,7 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, 
 from modeling_llama_avsr import AVHubertConfig, LlamaAVSRConfig, LlamaAVSRForConditionalGeneration, LlamaAVSRProcessor
 from modeling_llama_avsr.tokenization_llama_avsr import prepare_tokenizer
 from trainer import AVSRTrainer, AVSRTrainingArguments, decorrelation_loss
-from trainer.avsr_trainer import LogitsToKeepCollator, apply_liger_kernel_to_text_model, prompt_only
+from trainer.avsr_trainer import LogitsToKeepCollator, apply_liger_kernel_to_text_model
 from trainer.decorrelation import layer_indices
 
 logger = logging.getLogger("bench_gpu")

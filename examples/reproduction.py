@@ -152,6 +152,20 @@ def verdict(comparison) -> str:
     return "lower" if lower else "higher"
 
 
+def conditions(setting: Setting) -> list[str]:
+    """The test conditions a setting is reported on: AVSR also at 0 dB babble, where the video matters."""
+    return ["clean"] + ([NOISY] if setting.modality == "avsr" else [])
+
+
+def row_label(setting: Setting, condition: str) -> str:
+    return setting.label + ("" if condition == "clean" else f", {condition}")
+
+
+def delta_with_2se(comparison) -> str:
+    """A difference in WER points, +- twice its standard error."""
+    return "-" if comparison is None else f"{100 * comparison['difference']:+.2f} ± {200 * comparison['se']:.2f}"
+
+
 def runs(results, setting, method):
     return [r for r in results.values() if r["setting"] == setting and r["method"] == method]
 
@@ -178,8 +192,7 @@ def table1(results) -> tuple[list[str], dict]:
     data = {}
     for name, setting in SETTINGS.items():
         chosen = choose_lambda(name, results)
-        conditions = ["clean"] + ([NOISY] if setting.modality == "avsr" else [])
-        for condition in conditions:
+        for condition in conditions(setting):
             base = mean_std(collect(results, name, "base", "test", condition))
             if base is None:
                 continue
@@ -190,11 +203,9 @@ def table1(results) -> tuple[list[str], dict]:
             data[(name, condition)] = {"base": base, "decor": decor, "lambda": chosen, "compare": comparison,
                                        "ce_base": ce_base, "ce_decor": ce_decor,
                                        "ce_compare": compare(ce_base, ce_decor)}
-            delta = "-" if comparison is None else (f"{100 * comparison['difference']:+.2f} ± "
-                                                    f"{200 * comparison['se']:.2f}")
             paper = PAPER_TABLE1.get(name) if condition == "clean" else None
-            label = setting.label + ("" if condition == "clean" else f", {condition}")
-            rows.append(f"| {label} | {fmt(base)} | {chosen or '-'} | {fmt(decor)} | {delta} | "
+            rows.append(f"| {row_label(setting, condition)} | {fmt(base)} | {chosen or '-'} | {fmt(decor)} | "
+                        f"{delta_with_2se(comparison)} | "
                         f"{verdict(comparison)} | {fmt(ce_base, 1, 3, False)} / {fmt(ce_decor, 1, 3, False)} | "
                         f"{f'{paper[0]} -> {paper[1]}' if paper else ''} |")
     return rows, data
@@ -219,7 +230,7 @@ def table2(results, t1) -> tuple[list[str], dict]:
     data = {}
     for name in ACT_SETTINGS:
         setting = SETTINGS[name]
-        for condition in ["clean"] + ([NOISY] if setting.modality == "avsr" else []):
+        for condition in conditions(setting):
             base_runs = [r for r in runs(results, name, "base") if r.get("act")]
             if not base_runs:
                 continue
@@ -232,11 +243,9 @@ def table2(results, t1) -> tuple[list[str], dict]:
             data[(name, condition)] = {"base": base, "act": act, "decor": decor, "compare": comparison,
                                        "ratio_base": ratio_base, "ratio_act": ratio_act,
                                        "heads": [len(r["act"]["search"]["heads"]) for r in base_runs]}
-            delta = "-" if comparison is None else (f"{100 * comparison['difference']:+.2f} ± "
-                                                    f"{200 * comparison['se']:.2f}")
             paper = PAPER_TABLE2.get(name) if condition == "clean" else None
-            label = setting.label + ("" if condition == "clean" else f", {condition}")
-            rows.append(f"| {label} | {fmt(base)} | {fmt(act)} | {fmt(decor)} | {delta} | "
+            rows.append(f"| {row_label(setting, condition)} | {fmt(base)} | {fmt(act)} | {fmt(decor)} | "
+                        f"{delta_with_2se(comparison)} | "
                         f"{fmt(ratio_base, 1, 0, False)} / {fmt(ratio_act, 1, 0, False)} | "
                         f"{', '.join(map(str, paper)) if paper else ''} |")
     return rows, data

@@ -33,6 +33,17 @@ from modeling_llama_avsr.analysis.tokens import AUDIO, AUDIO_MARKER, BOS, PAD, P
 from analysis_models import tiny_avsr
 from tiny import tiny_tokenizer
 
+
+def eager_forward(model, inputs, **kwargs):
+    """The independent reference: one forward under eager attention, which returns its probabilities."""
+    decoder = decoder_of(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model(**inputs, output_attentions=True, **kwargs)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+
 @pytest.fixture(scope="module")
 def avsr():
     return tiny_avsr()
@@ -479,13 +490,7 @@ def test_mlp_origin_takes_its_sink_group_from_attention(avsr, layer):
     model, _, _, inputs = avsr
     mask = inputs["attention_mask"]
     origin = mlp_origin(model, inputs, layer, [3], sample=1, threshold=1.5)
-    decoder = decoder_of(model)
-    decoder.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            attentions = model(**inputs, output_attentions=True).attentions
-    finally:
-        decoder.set_attn_implementation("sdpa")
+    attentions = eager_forward(model, inputs).attentions
     sinks = detect_sinks(relative_attention_scores(attentions, mask), mask, threshold=1.5)
     reader = min(layer + 1, 2)  # the next layer's attention reads what this MLP wrote; the last layer reads its own
     offset = int(mask[1].argmax())
@@ -576,13 +581,7 @@ def test_sink_monitor_callback(avsr):
     json.dumps(callback.history)
 
     # Independently: eager maps and hidden states, eq. 10's entries 2..L-1, the relative-score sinks.
-    decoder = decoder_of(model)
-    decoder.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(**batch, output_attentions=True, output_hidden_states=True)
-    finally:
-        decoder.set_attn_implementation("sdpa")
+    out = eager_forward(model, batch, output_hidden_states=True)
     mask, labels = batch["attention_mask"].bool(), batch["labels"]
     entries = range(2, len(out.hidden_states) - 1)
     ratios, cosines = [], []
@@ -648,13 +647,7 @@ def test_sink_monitor_steps_and_profile(avsr):
     profile = callback.history[0]["profile"]
     json.dumps(callback.history)
 
-    decoder = decoder_of(model)
-    decoder.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model(**batch, output_attentions=True, output_hidden_states=True)
-    finally:
-        decoder.set_attn_implementation("sdpa")
+    out = eager_forward(model, batch, output_hidden_states=True)
     mask = batch["attention_mask"].bool()
     sinks = detect_sinks(relative_attention_scores(out.attentions, mask), mask, threshold=1.5)
     layers = range(2, len(out.attentions))

@@ -82,7 +82,7 @@ def first_pass_cells(settings) -> list[Cell]:
     return [Cell(s, m, seed) for seed in BASE_SEEDS for s in settings for m in methods]
 
 
-def extra_cells(settings, results) -> list[Cell]:
+def extra_cells(settings, results, seeds=EXTRA_SEEDS) -> list[Cell]:
     """More seeds for the base and the chosen lambda of the high-compression settings, once lambda is chosen."""
     cells = []
     for setting in settings:
@@ -91,7 +91,7 @@ def extra_cells(settings, results) -> list[Cell]:
         chosen = choose_lambda(setting, results)
         if chosen is None:
             continue
-        cells += [Cell(setting, m, seed) for seed in EXTRA_SEEDS for m in ("base", chosen)]
+        cells += [Cell(setting, m, seed) for seed in seeds for m in ("base", chosen)]
     return cells
 
 
@@ -309,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="rerun cells that already have a result file")
     parser.add_argument("--report", action="store_true", help="only write the report from the finished cells")
     parser.add_argument("--no-extra-seeds", action="store_true", help="skip the extra seeds at high compression")
+    parser.add_argument("--extra-seeds", type=int, nargs="+", default=list(EXTRA_SEEDS),
+                        help=f"the extra seeds of the base and the chosen lambda at high compression (default: "
+                             f"{' '.join(map(str, EXTRA_SEEDS))}; more where the spread demands)")
     parser.add_argument("--hours", type=float, default=None, help="stop starting new cells after this long")
     parser.add_argument("--lip-encoder", default=None,
                         help="an AVHubertModel folder to use (default: OUT/lip_encoder/final, pretrained if absent)")
@@ -334,7 +337,7 @@ def main(argv=None):
         run_cells(selected(first_pass_cells(args.settings)), out, lip_encoder, extra, args.workers, args.force,
                   deadline, args.act_layers)
         if not args.no_extra_seeds:
-            run_cells(selected(extra_cells(args.settings, load_results(out))), out, lip_encoder, extra,
+            run_cells(selected(extra_cells(args.settings, load_results(out), args.extra_seeds)), out, lip_encoder, extra,
                       args.workers, args.force, deadline, args.act_layers)
 
     report = write_report(load_results(out), out / "report")

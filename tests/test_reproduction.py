@@ -110,6 +110,9 @@ def test_extra_cells_only_at_high_compression_and_once_lambda_is_chosen():
     extra = reproduce_paper.extra_cells(settings, results)
     assert sorted(c.name for c in extra) == sorted(
         ["asr-32/base/seed3", "asr-32/base/seed4", "asr-32/decor-100/seed3", "asr-32/decor-100/seed4"])
+    # More seeds where the spread demands them (--extra-seeds): still only the base and the chosen lambda.
+    more = reproduce_paper.extra_cells(settings, results, seeds=(5, 6, 7))
+    assert sorted(c.name for c in more) == sorted(f"asr-32/{m}/seed{k}" for m in ("base", "decor-100") for k in (5, 6, 7))
 
 
 def _parsed(cell, lip, extra=()):
@@ -308,10 +311,10 @@ def act_block(wer, ratio=1000.0, heads=3):
             "sinks": {"profile": {"massive": {"max_ratio": ratio}}}}
 
 
-def act_grid(act_wers, decor_wers, seeds=(0, 1, 2)):
+def act_grid(act_wers, decor_wers, seeds=(0, 1, 2), base_wers=None):
     cells = []
     for k in seeds:
-        cells.append(result("asr-32", "base", k, test_wer=0.30, start=profile(0.0), end=profile(1.0, ratio=1000.0),
+        cells.append(result("asr-32", "base", k, test_wer=base_wers[k] if base_wers else 0.30, start=profile(0.0), end=profile(1.0, ratio=1000.0),
                             act=act_block(act_wers[k])))
         cells.append(result("asr-32", "decor-10", k, val_wer=0.2, test_wer=decor_wers[k]))
     return by_cell(*cells)
@@ -320,9 +323,23 @@ def act_grid(act_wers, decor_wers, seeds=(0, 1, 2)):
 def test_table2_and_reading_h_hold_when_decorrelation_is_separably_below_act():
     # ACT 0.28/0.29/0.30 (mean 0.29, std 0.01), decorrelation 0.24/0.25/0.26 (0.25, 0.01): 4.00 beyond 1.63.
     _, _, t2_rows, _, reading = report_parts(act_grid((0.28, 0.29, 0.30), (0.24, 0.25, 0.26)))
-    assert table_row(t2_rows, "ASR (32)")[:5] == ["30.00 ± 0.00 (n=3)", "29.00 ± 1.00 (n=3)", "25.00 ± 1.00 (n=3)",
-                                                 "-1.00 ± 1.15", "1000 ± 0 / 1000 ± 0"]
+    assert table_row(t2_rows, "ASR (32)")[:6] == ["30.00 ± 0.00 (n=3)", "29.00 ± 1.00 (n=3)", "25.00 ± 1.00 (n=3)",
+                                                 "-1.00 ± 1.15", "-1.00 ± 1.15", "1000 ± 0 / 1000 ± 0"]
     assert reading["(h)"][0] == "holds"
+
+
+def test_act_against_its_own_base_model_is_compared_seed_by_seed():
+    # Base models spread over 10-30 %; ACT adds one point to each. Unpaired, the spread hides it (+1.00 +- 16.33);
+    # paired (ACT decodes the same model), the differences are 1, 1, 1 points: separably higher.
+    grid = act_grid((0.11, 0.21, 0.31), (0.24, 0.25, 0.26), base_wers=(0.10, 0.20, 0.30))
+    _, _, t2_rows, _, reading = report_parts(grid)
+    row = table_row(t2_rows, "ASR (32)")
+    assert row[3] == "+1.00 ± 16.33" and row[4] == "+1.00 ± 0.00"
+    assert "paired over seeds +1.00 ± 0.00, higher" in reading["(h)"][1]
+    paired = reproduction.compare_paired([0.01, 0.03])
+    assert paired["difference"] == pytest.approx(0.02) and paired["se"] == pytest.approx(0.01)
+    assert paired["separable"] is False  # 0.02 is exactly 2 SE: not beyond it
+    assert reproduction.compare_paired([0.01]) is None
 
 
 @pytest.mark.parametrize("act_wers, decor_wers, seeds, expected", [

@@ -548,3 +548,26 @@ def test_max_frames_batches_through_trainer(tmp_path):
         assert len(batch) == 1 or len(batch) * -(-max(frames[i] for i in batch) // 5) * 5 <= 48, batch
     assert len(batches) > 1 and trainer.state.global_step == len(batches)
     assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
+
+
+class PoisonAtStep(TrainerCallback):
+    """Makes one LoRA weight NaN before optimizer step `step` runs, as a diverged bf16 step would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            with torch.no_grad():
+                next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+
+def test_training_stops_at_the_first_non_finite_log_and_saves_nothing_after_it(tmp_path):
+    trainer = make_trainer(tmp_path, Clips(8), callbacks=[PoisonAtStep(2)], max_steps=4, max_grad_norm=1.0,
+                           save_strategy="steps", save_steps=1)
+    with pytest.raises(FloatingPointError, match=r"training diverged by step 2: ce_loss = nan.*grad_norm = nan"
+                                                 r".*weights in float32.*--dtype float32"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
+    finite = trainer.state.log_history[0]
+    assert finite["step"] == 1 and np.isfinite(finite["ce_loss"]) and np.isfinite(finite["grad_norm"])

@@ -494,6 +494,24 @@ class AVSRTrainer(EvalCollatorTrainer):
         if "loss" in logs:
             logs = {**logs, **self._reduce_aux("train")}
         super().log(logs, start_time)
+        if "loss" in logs:
+            self._check_finite(logs)
+
+    def _check_finite(self, logs):
+        """Stop at the first log whose loss parts or gradient norm are NaN or infinite. Trainer's
+        `logging_nan_inf_filter` hides such steps from `loss`, and one NaN gradient makes every weight NaN through
+        the optimizer, so without this a run goes on to its last epoch and reports 100 % WER. The values are already
+        on the host (nothing is synchronised for this). Under fp16 autocast the GradScaler skips inf steps by design,
+        so only its losses are checked."""
+        names = ["ce_loss", "decor_loss"] + ([] if self.args.fp16 else ["grad_norm"])
+        bad = {n: logs[n] for n in names if n in logs and isinstance(logs[n], (int, float)) and not np.isfinite(logs[n])}
+        if bad:
+            dtype = next(self.model.parameters()).dtype
+            raise FloatingPointError(
+                f"training diverged by step {self.state.global_step}: "
+                + ", ".join(f"{n} = {v}" for n, v in bad.items())
+                + f" (weights in {str(dtype).removeprefix('torch.')}, learning rate {logs.get('learning_rate')}). "
+                "Stopped before anything more is saved; with bfloat16 or float16 weights, retry with --dtype float32")
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -74,15 +74,16 @@ class ModelArguments:
         "choices": ["both", "full", "light", "none"]})
     dtype: str = field(
         default="auto",
-        metadata={"help": "Weights' dtype: 'auto' is bfloat16 on a GPU that has it, float32 elsewhere.",
+        metadata={"help": "Weights' dtype: 'auto' is float32 (bfloat16 weights diverged to NaN within 10 steps of "
+                          "this recipe on an H200; see RESULTS.md), or bfloat16 / float16 on request.",
                   "choices": ["auto", "bfloat16", "float16", "float32"]},
     )
 
 
 def weights_dtype(name: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return getattr(torch, name)
+    # float32 on every device: the main job's recipe in bfloat16 weights (LoRA and projectors trained in bfloat16 too)
+    # gave NaN gradients by step 10 on the H200, while the same recipe in float32 trains there as on the CPU.
+    return torch.float32 if name == "auto" else getattr(torch, name)
 
 
 @dataclass

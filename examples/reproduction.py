@@ -464,7 +464,7 @@ def readings(results, t1, t2, sinks) -> list[tuple[str, str, str]]:
             gains_less.append(act_decor)
         if row["ratio_act"] and row["ratio_base"]:
             massive_kept.append(row["ratio_act"]["mean"] > 0.5 * row["ratio_base"]["mean"])
-        paired = row.get("paired")
+        paired = row["paired"]
         parts.append(f"{SETTINGS[name].label}: ACT - base {fmt(row['compare'] and {'mean': row['compare']['difference'], 'std': float('nan'), 'n': 0}, 100, 2, False)} "
                      f"({verdict(row['compare'])}; paired over seeds {delta_with_2se(paired)}, {verdict(paired)}), "
                      f"max ratio {fmt(row['ratio_base'], 1, 0, False)} -> "

@@ -241,6 +241,21 @@ def per_layer_decorrelation(hidden_states, attention_mask, layers="paper"):
     return (per_sample * has_tokens).sum() / has_tokens.sum().clamp(min=1)
 
 
+def trainable_gradients(model, batch, decorrelation_weight, graphs=False):
+    """(loss, every trained tensor's gradient flattened into one float64 vector) of one batch, with the fused
+    decorrelation loss when `decorrelation_weight` > 0; for comparing one forward and backward with another."""
+    if graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    out = model(**batch, output_hidden_states=decorrelation_weight > 0)
+    loss = out.loss
+    if decorrelation_weight > 0:
+        loss = loss + decorrelation_weight * decorrelation_loss(out.hidden_states, batch["attention_mask"])
+    grads = torch.autograd.grad(loss, trained, allow_unused=True)
+    return float(loss.detach()), torch.cat([(g if g is not None else torch.zeros_like(p)).double().flatten()
+                                            for g, p in zip(grads, trained)])
+
+
 def train_step(model, optimizer, batch, decorrelation, graphs):
     def step():
         if graphs:
@@ -496,22 +511,12 @@ class Bench:
             torch._dynamo.reset()
         n = self.shapes["batches"][0]
         batch = self.batch(n, pad_to=PAD_TO, video_output="uint8")
-        lora = [p for p in self.model.parameters() if p.requires_grad]
-
-        def loss_and_grads():
-            if self.graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            out = self.model(**batch, output_hidden_states=True)
-            loss = out.loss + DECORRELATION_WEIGHT * decorrelation_loss(out.hidden_states, batch["attention_mask"])
-            grads = torch.autograd.grad(loss, lora)
-            return loss.item(), torch.cat([g.float().flatten() for g in grads])
-
-        eager_loss, eager_grads = loss_and_grads()
+        eager_loss, eager_grads = trainable_gradients(self.model, batch, DECORRELATION_WEIGHT, self.graphs)
         kwargs = self.shapes["compile_kwargs"] or {"mode": mode}
         self.compiled = self.model.compile_layers(decoder=True, encoders=True, **kwargs)
         self.graphs = self.cuda and mode == "reduce-overhead"
         begin = time.perf_counter()
-        compiled_loss, compiled_grads = loss_and_grads()
+        compiled_loss, compiled_grads = trainable_gradients(self.model, batch, DECORRELATION_WEIGHT, self.graphs)
         check = self.results["checks"][f"compiled_vs_eager_{kwargs.get('mode', kwargs.get('backend'))}"] = {
             "loss_eager": eager_loss, "loss_compiled": compiled_loss,
             "gradient_relative_difference": float((compiled_grads - eager_grads).norm() / eager_grads.norm()),

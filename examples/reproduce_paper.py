@@ -76,10 +76,10 @@ class Cell:
         return cls(setting, method, int(seed.removeprefix("seed")))
 
 
-def first_pass_cells(settings) -> list[Cell]:
+def first_pass_cells(settings, seeds=BASE_SEEDS) -> list[Cell]:
     """Seed-major, so that an interrupted grid holds complete seeds for as many settings as possible."""
     methods = ["base"] + [method_name(w) for w in LAMBDAS]
-    return [Cell(s, m, seed) for seed in BASE_SEEDS for s in settings for m in methods]
+    return [Cell(s, m, seed) for seed in seeds for s in settings for m in methods]
 
 
 def extra_cells(settings, results, seeds=EXTRA_SEEDS) -> list[Cell]:
@@ -144,8 +144,9 @@ class SinkStudy:
         rows = [context["validation_set"][i] for i in range(min(self.probe_size, len(context["validation_set"])))]
         self.probe = dict(context["clean_collator"](rows))
         self.types = processor_token_types(context["processor"], self.probe)
+        # at_train_end: a run longer than the last monitor step (e.g. 6 epochs) still ends with the trained model's profile.
         self.monitor = SinkMonitorCallback(self.probe, types=self.types, steps=self.monitor_steps,
-                                           at_evaluation=False)
+                                           at_evaluation=False, at_train_end=True)
         trainer.add_callback(self.monitor)
 
     def _on_device(self, model, batch):
@@ -169,6 +170,7 @@ class SinkStudy:
         with torch.autocast(probe["input_ids"].device.type, enabled=False):
             final = analyze(model, probe, types=self.types, out_dir=self.figure_dir, tokens=tokens)
         self.results["sinks"] = {"history": history, "final": _trim_report(final)}
+        self.results["trained_steps"] = trainer.state.global_step
         if self.act:
             self.results["act"] = self._act(trainer, model, context)
 
@@ -312,6 +314,10 @@ def main(argv=None):
     parser.add_argument("--extra-seeds", type=int, nargs="+", default=list(EXTRA_SEEDS),
                         help=f"the extra seeds of the base and the chosen lambda at high compression (default: "
                              f"{' '.join(map(str, EXTRA_SEEDS))}; more where the spread demands)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(BASE_SEEDS),
+                        help="the first pass's seeds, every method (default: %(default)s; lambda is chosen on seeds "
+                             f"{' '.join(map(str, BASE_SEEDS))} only, so a study that fixes lambda can run all its seeds "
+                             "at once, e.g. --seeds 0 1 2 3 4 --only 'asr-32/base/*' 'asr-32/decor-10/*')")
     parser.add_argument("--hours", type=float, default=None, help="stop starting new cells after this long")
     parser.add_argument("--lip-encoder", default=None,
                         help="an AVHubertModel folder to use (default: OUT/lip_encoder/final, pretrained if absent)")
@@ -334,7 +340,7 @@ def main(argv=None):
         if needs_video and not (lip_encoder / "config.json").is_file():
             pretrain_lip_encoder.main(["--output_dir", str(lip_encoder.parent), *args.lip_args.split()])
         selected = lambda cells: [c for c in cells if not args.only or any(fnmatch.fnmatch(c.name, p) for p in args.only)]
-        run_cells(selected(first_pass_cells(args.settings)), out, lip_encoder, extra, args.workers, args.force,
+        run_cells(selected(first_pass_cells(args.settings, args.seeds)), out, lip_encoder, extra, args.workers, args.force,
                   deadline, args.act_layers)
         if not args.no_extra_seeds:
             run_cells(selected(extra_cells(args.settings, load_results(out), args.extra_seeds)), out, lip_encoder, extra,

@@ -640,6 +640,17 @@ def test_sink_monitor_steps_and_profile(avsr):
         state.global_step = step
         callback.on_step_end(None, state, None, model=model)
     assert [entry["step"] for entry in callback.history] == [0, 3]
+    callback.on_train_end(None, state, None, model=model)  # not asked for: no measurement
+    assert [entry["step"] for entry in callback.history] == [0, 3]
+    # A run longer than the last asked step ends with a measurement at its last step, once.
+    closing = SinkMonitorCallback(dict(batch), threshold=1.5, types=types, steps=[0, 3], at_train_end=True)
+    state.global_step = 3
+    closing.on_step_end(None, state, None, model=model)
+    closing.on_train_end(None, state, None, model=model)
+    state.global_step = 5
+    closing.on_train_end(None, state, None, model=model)
+    assert [entry["step"] for entry in closing.history] == [3, 5]
+    assert closing.history[-1]["profile"] == callback.history[-1]["profile"]  # the model did not change
     quiet = SinkMonitorCallback(dict(batch), threshold=1.5, steps=[0], at_evaluation=False)
     metrics = {}
     quiet.on_evaluate(None, state, None, model=model, metrics=metrics)

@@ -85,6 +85,10 @@ def test_first_pass_cells_are_seed_major_and_cover_settings_methods_seeds():
     assert names[:32] == [f"{s}/{m}/seed0" for s in ALL_SETTINGS for m in METHODS]
     # A subset of settings keeps the given settings only.
     assert {c.setting for c in reproduce_paper.first_pass_cells(["vsr-5"])} == {"vsr-5"}
+    # Given seeds replace 0-2 (a fixed-lambda study runs all its seeds in one pool), still seed-major.
+    five = reproduce_paper.first_pass_cells(["asr-32", "asr-16"], seeds=(0, 1, 2, 3, 4))
+    assert [c.seed for c in five] == sorted(c.seed for c in five) and {c.seed for c in five} == {0, 1, 2, 3, 4}
+    assert len(five) == 2 * 4 * 5
 
 
 def test_cell_names_parse_back_and_map_to_the_result_folder(tmp_path):
@@ -394,6 +398,13 @@ def test_write_report_on_a_folder_of_result_files(tmp_path):
     assert f"| ASR (32) | 32.00 ± 2.00 (n=3) | {act:.2f} ± 0.00 (n=3) | 27.00 ± 2.00 (n=3) |" in text
     assert f"| {ratio:.0f} ± 0 / {real['act']['sinks']['profile']['massive']['max_ratio']:.0f} ± 0 |" in text
     assert text.count("- **(") == 8  # the readings (a)-(h)
+    # When "end" was measured, and the trained model's own analysis beside it.
+    last_step = real["sinks"]["history"][-1]["step"]
+    assert f"'end' is each run's last sink measurement: step {last_step};" in text
+    final = real["sinks"]["final"]
+    with_sink = 3 * bool(final["intermediate_sinks"])
+    bos_layers = f"{len(final['bos_sink_layers']):.1f} ± 0.0 (of {final['num_layers']})"
+    assert f"| ASR (32) | base | {with_sink} of 3 | {bos_layers} | {final['max_ratio']:.0f} ± 0 |" in text
     grid = json.loads((tmp_path / "report" / "grid.json").read_text())
     row = grid["table1"]["asr-32|clean"]
     assert row["base"]["mean"] == pytest.approx(0.32) and row["decor"]["mean"] == pytest.approx(0.27)
@@ -440,3 +451,21 @@ def test_a_broken_result_file_is_named(tmp_path):
     path.write_text('{"cell": ')
     with pytest.raises(ValueError, match="asr-32/base/seed0/result.json"):
         reproduction.load_results(tmp_path)
+
+
+def test_sink_timing_note_says_when_end_was_measured():
+    def result(epochs, last, trained=None):
+        r = {"sinks": {"history": [{"step": 0}, {"step": last}]}, "test": {"clean": {"epoch": epochs}}}
+        if trained is not None:
+            r["trained_steps"] = trained
+        return r
+
+    assert reproduction.sink_timing_note({}) == []
+    three = reproduction.sink_timing_note({"a": result(3.0, 450)})[0]
+    assert three == "'end' is each run's last sink measurement: step 450; the runs trained for 3 epoch(s)."
+    # Six epochs measured only up to the monitor's last step: the note says the sink columns are the halfway model.
+    six = reproduction.sink_timing_note({"a": result(6.0, 450)})[0]
+    assert "predate the measurement at the end of training" in six and "at step 450" in six
+    # Runs that measured at the end of training say how long they trained instead.
+    ended = reproduction.sink_timing_note({"a": result(6.0, 900, trained=900)})[0]
+    assert ended.endswith("step 900; the runs trained for 6 epoch(s) (900 steps).")

@@ -131,7 +131,9 @@ def sink_metrics(model, batch, threshold: float = SINK_THRESHOLD, min_queries: i
 class SinkMonitorCallback(TrainerCallback):
     """Measure `sink_report` on a fixed probe batch (given at construction, e.g. a few dev samples from the
     evaluation collator) at each evaluation, and, with `steps`, at those optimizer steps too (0 = the model before
-    its first update), without running an evaluation (`at_evaluation=False`: only at those steps).
+    its first update), without running an evaluation (`at_evaluation=False`: only at those steps), and with
+    `at_train_end` once more after the last update (unless that step was just measured), so that a run longer than
+    the last of `steps` still ends with a measurement of the model it saves.
 
     At an evaluation the metrics go into the evaluation metrics (prefixed `eval_`); Trainer has already logged those
     when callbacks run, so for TensorBoard pass the trainer (`SinkMonitorCallback(probe, trainer=trainer)` or
@@ -142,7 +144,7 @@ class SinkMonitorCallback(TrainerCallback):
 
     def __init__(self, probe_batch, threshold: float = SINK_THRESHOLD, trainer=None,
                  min_queries: int = SINK_MIN_QUERIES, types: torch.Tensor | None = None, steps=(),
-                 at_evaluation: bool = True):
+                 at_evaluation: bool = True, at_train_end: bool = False):
         self.probe_batch = dict(probe_batch)
         self.threshold = threshold
         self.min_queries = min_queries
@@ -150,6 +152,7 @@ class SinkMonitorCallback(TrainerCallback):
         self.trainer = trainer
         self.steps = {int(step) for step in steps}
         self.at_evaluation = at_evaluation
+        self.at_train_end = at_train_end
         self.history = []
 
     def attach(self, trainer):
@@ -178,6 +181,11 @@ class SinkMonitorCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is not None and state.global_step in self.steps:
+            self._measure(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        measured = self.history and self.history[-1]["step"] == state.global_step
+        if model is not None and self.at_train_end and not measured:
             self._measure(model, state.global_step)
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):

@@ -297,6 +297,7 @@ class AVSRTrainer(EvalCollatorTrainer):
             pad = self._pad_token_id() if args.pad_to_multiple_of is not None else None
             self.data_collator = LogitsToKeepCollator(self.data_collator, args.pad_to_multiple_of, pad,
                                                       media_keys=args.cache_encoder_outputs)
+        self._warn_half_precision_padding()
         if self.compute_metrics is None and self.processing_class is not None:
             self.compute_metrics = self._word_error_rate
         # Detached running sums of what compute_loss adds to the loss, per phase; reduced in log() / evaluation_loop.
@@ -325,6 +326,21 @@ class AVSRTrainer(EvalCollatorTrainer):
         if args.compile_decoder_layers or args.compile_encoder_layers:
             unwrapped.compile_layers(decoder=args.compile_decoder_layers, encoders=args.compile_encoder_layers,
                                      mode=args.compile_mode)
+
+    def _warn_half_precision_padding(self):
+        """Measured on an H200 (torch 2.11): with bf16 weights, `pad_to_multiple_of` (which left-pads every row, the
+        longest included) gives NaN gradients at the first step, eager and compiled alike; bf16 without it and fp32
+        with it train normally, and the CPU is finite in every combination. The NaN stop would catch it a step later;
+        this says why before the run starts."""
+        if self.args.pad_to_multiple_of is None or self.model is None:
+            return
+        weights = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        if weights is not None and weights.dtype in (torch.bfloat16, torch.float16) and self.args.device.type == "cuda":
+            logger.warning("pad_to_multiple_of=%d with %s weights on CUDA gave NaN gradients at step 1 on an H200 "
+                           "(torch 2.11; fp32, or %s without the padding, trained normally): if this run stops on a "
+                           "non-finite gradient, drop pad_to_multiple_of or use --dtype float32",
+                           self.args.pad_to_multiple_of, str(weights.dtype).removeprefix("torch."),
+                           str(weights.dtype).removeprefix("torch."))
 
     def _check_processor(self):
         """The processor places the placeholders with its own rates; they must be the model's (the training forward

@@ -571,3 +571,15 @@ def test_training_stops_at_the_first_non_finite_log_and_saves_nothing_after_it(t
     assert (tmp_path / "checkpoint-1").is_dir() and not (tmp_path / "checkpoint-2").exists()
     finite = trainer.state.log_history[0]
     assert finite["step"] == 1 and np.isfinite(finite["ce_loss"]) and np.isfinite(finite["grad_norm"])
+
+
+def test_half_precision_padding_warning_only_for_half_weights_on_cuda_with_padding():
+    from trainer.avsr_trainer import half_precision_padding_warning
+
+    message = half_precision_padding_warning(torch.bfloat16, "cuda", 16)
+    assert "pad_to_multiple_of=16" in message and "bfloat16" in message and "--dtype float32" in message
+    assert "float16 weights" in half_precision_padding_warning(torch.float16, "cuda", 32)
+    # float32, the CPU, or no padding: the combinations that trained normally get no warning.
+    assert half_precision_padding_warning(torch.float32, "cuda", 16) is None
+    assert half_precision_padding_warning(torch.bfloat16, "cpu", 16) is None
+    assert half_precision_padding_warning(torch.bfloat16, "cuda", None) is None

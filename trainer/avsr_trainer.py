@@ -145,6 +145,19 @@ class LogitsToKeepCollator:
         return batch
 
 
+def half_precision_padding_warning(dtype: torch.dtype, device_type: str, pad_to_multiple_of: int | None) -> str | None:
+    """Measured on an H200 (torch 2.11): with bf16 weights, `pad_to_multiple_of` (which left-pads every row, the
+    longest included) gives NaN gradients at the first step, eager and compiled alike; bf16 without it and fp32 with
+    it train normally, and the CPU is finite in every combination. The trainer's non-finite stop would catch it a step
+    later; this says why before the run starts."""
+    if pad_to_multiple_of is None or device_type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = str(dtype).removeprefix("torch.")
+    return (f"pad_to_multiple_of={pad_to_multiple_of} with {name} weights on CUDA gave NaN gradients at step 1 on an "
+            f"H200 (torch 2.11; float32, or {name} without the padding, trained normally): if this run stops on a "
+            "non-finite gradient, drop pad_to_multiple_of or use --dtype float32")
+
+
 def _media_key(row) -> tuple:
     key = tuple(row.get(column) for column in MEDIA_KEY_COLUMNS)
     if all(part is None for part in key):
@@ -328,19 +341,13 @@ class AVSRTrainer(EvalCollatorTrainer):
                                      mode=args.compile_mode)
 
     def _warn_half_precision_padding(self):
-        """Measured on an H200 (torch 2.11): with bf16 weights, `pad_to_multiple_of` (which left-pads every row, the
-        longest included) gives NaN gradients at the first step, eager and compiled alike; bf16 without it and fp32
-        with it train normally, and the CPU is finite in every combination. The NaN stop would catch it a step later;
-        this says why before the run starts."""
         if self.args.pad_to_multiple_of is None or self.model is None:
             return
         weights = next((p for p in self.model.parameters() if p.is_floating_point()), None)
-        if weights is not None and weights.dtype in (torch.bfloat16, torch.float16) and self.args.device.type == "cuda":
-            logger.warning("pad_to_multiple_of=%d with %s weights on CUDA gave NaN gradients at step 1 on an H200 "
-                           "(torch 2.11; fp32, or %s without the padding, trained normally): if this run stops on a "
-                           "non-finite gradient, drop pad_to_multiple_of or use --dtype float32",
-                           self.args.pad_to_multiple_of, str(weights.dtype).removeprefix("torch."),
-                           str(weights.dtype).removeprefix("torch."))
+        if weights is not None:
+            message = half_precision_padding_warning(weights.dtype, self.args.device.type, self.args.pad_to_multiple_of)
+            if message:
+                logger.warning(message)
 
     def _check_processor(self):
         """The processor places the placeholders with its own rates; they must be the model's (the training forward

@@ -427,7 +427,25 @@ class AudioVisualSpeechRecognitionPipeline(ChunkPipeline):
                 offset = first / VIDEO_FPS
                 item["start"] = round(max(item["start"], offset + voiced[0]), 3)
                 item["end"] = round(max(item["start"], min(item["end"], offset + voiced[1])), 3)
+                if not whole and not item["overlap"]:
+                    self._trim_to_voiced(item, voiced)
             yield item
+
+    @staticmethod
+    def _trim_to_voiced(item, voiced):
+        """A cut piece holds up to half a pause of silence on each side, but training clips begin and end at their
+        first and last voiced frame (the corpus, like LRS3's utterance clips, is trimmed), and a model trained on
+        them misreads the first word after leading silence: a fresh main-job model read "bin blue in y six now" as
+        "a blue box is beside the bottle" with 0.15 s of silence before it (11.7 % WER on a recording of 30 clips
+        with 0.3-s pauses, 2.0 % one by one). So a cut piece without strides is trimmed to its voiced span: on
+        video-frame boundaries when it has video (audio and video stay aligned), else on 20-ms frames."""
+        if item.get("video") is not None:
+            lo, hi = int(math.floor(voiced[0] * VIDEO_FPS)), int(math.ceil(voiced[1] * VIDEO_FPS))
+            item["video"] = item["video"][lo:hi]
+            if item.get("audio") is not None:
+                item["audio"] = item["audio"][lo * SAMPLES_PER_FRAME : hi * SAMPLES_PER_FRAME]
+        elif item.get("audio") is not None:
+            item["audio"] = item["audio"][int(round(voiced[0] * SAMPLING_RATE)) : int(round(voiced[1] * SAMPLING_RATE))]
 
     # ---- model ---------------------------------------------------------------------------------------------------
 

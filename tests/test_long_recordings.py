@@ -51,12 +51,15 @@ def test_a_recording_is_cut_between_its_utterances(clips):
     pieces = list(pipe.preprocess(long))
     assert len(pieces) == len(audio)  # one utterance per piece
     ends = np.cumsum([len(clip) / 16000 + PAUSE_S for clip in audio])
-    for piece, clip_end in zip(pieces, ends):
-        assert piece["end"] <= clip_end - PAUSE_S + 0.04  # the voiced span ends with its utterance ...
-        assert len(piece["audio"]) <= (pipe.default_chunk_length_s + 0.04) * 16000
-    cuts = np.cumsum([len(piece["audio"]) for piece in pieces])[:-1] / 16000
-    for cut, clip_end in zip(cuts, ends):  # ... and every cut falls in the pause after it
-        assert clip_end - PAUSE_S - 0.04 <= cut <= clip_end + 0.04
+    starts = np.concatenate([[0.0], ends[:-1]])
+    for piece, clip, clip_start, clip_end in zip(pieces, audio, starts, ends):
+        # The voiced span is its utterance ...
+        assert clip_start - 0.04 <= piece["start"] and piece["end"] <= clip_end - PAUSE_S + 0.04
+        # ... and the piece is trimmed to it, as the training clips were: about the clip itself (whose edges hold a
+        # few voiceless frames), not the clip and half a pause on each side (+0.3 s).
+        assert abs(len(piece["audio"]) - len(clip)) <= 0.1 * 16000
+        offset = int(round(piece["start"] * 16000))
+        np.testing.assert_array_equal(piece["audio"], long[offset : offset + len(piece["audio"])])
 
 
 @pytest.mark.slow

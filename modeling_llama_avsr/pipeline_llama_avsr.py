@@ -25,7 +25,9 @@ threshold on both sides, so pauses of about 0.12 s or more are found; the earlie
 that would leave a piece shorter than MIN_PIECE_SECONDS, 1 s), so that a piece holds one utterance where the
 speaker pauses between them. Without a pause, it ends where the 160 ms around the cut are quietest within the last
 `boundary_search_s` seconds (default 5 s, at most half a chunk) before the limit. Video-only input is cut at fixed
-intervals. `stride_length_s` (s or (left, right)) extends every piece by that much audio/video on each side, and
+intervals. A cut piece is then trimmed to its voiced span (the training clips start and end at their first and last
+voiced frame, and half a pause of leading silence made the model misread the first word). `stride_length_s` (s or
+(left, right)) extends every piece by that much audio/video on each side, and
 the overlapping texts are merged where their words agree (left half of the overlap from the earlier piece, right
 half from the later). A piece longer than LONG_CHUNK_FACTOR (1.5) times the longest training clip is transcribed
 with a warning: expect lost or invented words. An input no longer than `chunk_length_s` is never cut, so short

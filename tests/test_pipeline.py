@@ -12,7 +12,13 @@ import torch
 from transformers import pipeline
 
 from modeling_llama_avsr import AudioVisualSpeechRecognitionPipeline, LlamaAVSRForConditionalGeneration
-from modeling_llama_avsr.pipeline_llama_avsr import add_transcribe_arguments, chunk_boundaries, run_transcribe
+from modeling_llama_avsr.pipeline_llama_avsr import (
+    add_transcribe_arguments,
+    chunk_boundaries,
+    refine_voiced_span,
+    run_transcribe,
+    voiced_frames,
+)
 
 from tiny import random_clips, tiny_config, tiny_processor, tiny_tokenizer
 
@@ -239,6 +245,26 @@ def test_silence_faint_noise_and_tiny_clips_give_no_text():
     assert [c["timestamp"] for c in result["chunks"]] == [(0.0, 8.0), (20.0, 28.0)]
 
 
+def test_voiced_span_edges_are_placed_to_5_ms():
+    # A sound from sample 10,400 to 30,130 (not on the 320-sample frame grid), silence around it. The frames that
+    # the onset and the offset straddle hold too little of it to reach -50 dBFS, so frame edges cut into the sound.
+    audio = np.zeros(36000, np.float32)
+    audio[10400:30130] = noise((30130 - 10400) / 16000, -48)
+    voiced = np.flatnonzero(voiced_frames(audio))
+    assert voiced[0] * 320 > 10400 and (voiced[-1] + 1) * 320 < 30130
+    start, end = refine_voiced_span(audio, int(voiced[0]), int(voiced[-1]))
+    assert 10400 - 80 < start <= 10400 + 80 and 30130 - 80 <= end < 30130 + 80
+    # A cut piece is trimmed to those edges: here the second of two sounds, after a pause.
+    model, processor = build("asr")
+    pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
+    long = np.concatenate([noise(1.5, -20), np.zeros(8000, np.float32), audio])
+    pieces = list(pipe.preprocess(long, chunk_length_s=2.5))
+    assert len(pieces) == 2
+    assert abs(pieces[1]["start"] - (32000 + 10400) / 16000) <= 0.005
+    assert abs(pieces[1]["end"] - (32000 + 30130) / 16000) <= 0.005
+    assert abs(len(pieces[1]["audio"]) - (30130 - 10400)) <= 160
+
+
 def test_integer_pcm_is_scaled_and_bad_arrays_are_refused_at_the_door():
     model, processor = build("asr")
     pipe = pipeline(TASK, model=model, processor=processor, **GENERATE)
@@ -286,7 +312,7 @@ def test_default_chunk_length_follows_the_training_clips_and_long_pieces_warn(ca
     # Pauses of 0.15 s are found too, and a long input is cut at every pause (a piece of at least 1 s each side).
     audio = speech_like([1.1, -0.15, 1.0, -0.15, 1.1, 0.5])
     assert [c["timestamp"] for c in pipe(audio, return_timestamps=True)["chunks"]] == [
-        (0.0, 1.1), (1.24, 2.26), (2.4, 4.0)]
+        (0.0, 1.1), (1.25, 2.25), (2.4, 4.0)]  # the bursts' own spans, to 5 ms
     assert "trained on clips of at most" not in caplog.text
     with caplog.at_level("WARNING"):
         pipe(audio, chunk_length_s=6)

@@ -36,8 +36,8 @@ clips give exactly what `model.generate` gives on the processor's output.
 
 Timestamps. `return_timestamps=True` adds "chunks": [{"text", "timestamp": (start_s, end_s)}] in the form of
 transformers' ASR pipeline: each piece's share of the text and where in the input it was heard (the span of its
-voiced audio to 5 ms, or the piece itself without audio). The LLM gives no word timings, so `return_timestamps="word"` is
-refused.
+voiced audio to 5 ms, or the piece itself without audio). The LLM gives no word timings, so
+`return_timestamps="word"` is refused.
 
 No speech. An input, or a piece, with less than MIN_SPEECH_SECONDS (0.2 s) of 20-ms frames whose RMS level reaches
 `vad_threshold_db` (default -50 dBFS, i.e. 0.0032 of full scale) gives "" without running the model: digital

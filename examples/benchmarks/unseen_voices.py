@@ -17,6 +17,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -48,11 +49,13 @@ np.savez(sys.argv[1], *out)
 """
 
 
-def piper_audio(texts, path="/tmp/unseen_voices_piper.npz"):
+def piper_audio(texts):
     """Piper in its own process: it bundles its own libespeak-ng, which must not meet espeakng-loader's."""
-    subprocess.run([sys.executable, "-c", PIPER_SCRIPT, path], input=json.dumps(texts), text=True, check=True)
-    with np.load(path) as data:
-        return [data[f"arr_{i}"] for i in range(len(texts))]
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/piper.npz"
+        subprocess.run([sys.executable, "-c", PIPER_SCRIPT, path], input=json.dumps(texts), text=True, check=True)
+        with np.load(path) as data:
+            return [data[f"arr_{i}"] for i in range(len(texts))]
 
 
 def espeak_inputs(texts, voice, uses_video, face_seed=4242):

@@ -103,14 +103,16 @@ def main():
         wer = 100 * word_error_rate(hypotheses, texts)
         print(f"| {name} | {wer:.2f} | {len(inputs)} ({time.perf_counter() - start:.0f} s) |", flush=True)
 
-    seen = [{"audio": read_audio(r["audio_path"]), "sampling_rate": 16000, **({"video": r["video_path"]}
-                                                                             if uses_video else {})} for r in rows]
+    seen = [{"audio": read_audio(r["audio_path"]), "sampling_rate": 16000} for r in rows]
+    if uses_video:
+        for item, row in zip(seen, rows):
+            item["video"] = row["video_path"]
     report(f"seen: the corpus's clips ({len(trained)} training voices)", seen)
     for voice in args.voices:
         report(f"espeak-ng {voice}", espeak_inputs(texts, voice, uses_video))
     if args.piper:
         if uses_video:
-            print("| piper joe | - | (no phoneme timings for a mouth: audio-only models only) |")
+            print("| piper joe | - | (its phonemes are not mapped to a mouth here: audio-only models only) |")
         else:
             report("piper joe (CC0, another engine)", [{"audio": a, "sampling_rate": 16000} for a in piper_audio(texts)])
 

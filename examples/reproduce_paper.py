@@ -4,6 +4,9 @@
     python examples/reproduce_paper.py --only "asr-32/*"        # a subset (shell-style patterns over cell names)
     python examples/reproduce_paper.py --report                 # tables and figures from the finished cells only
     python examples/reproduce_paper.py --workers 4              # several runs side by side (one GPU fits many)
+    python examples/reproduce_paper.py --lambdas 0.1 1 --only "asr-32/decor-*"   # weights below the paper's set
+    python examples/reproduce_paper.py --report --out OUT --include GRID2 GRID3 --reruns RERUNS
+                                                                # one report over several grids' result files
 
 The grid (issue 15): SmolLM2-135M + Whisper tiny.en, with the viseme-pretrained lip encoder of
 `examples/pretrain_lip_encoder.py` (frozen) for VSR and AVSR, at the compression rates of the paper's Table 1:
@@ -76,9 +79,10 @@ class Cell:
         return cls(setting, method, int(seed.removeprefix("seed")))
 
 
-def first_pass_cells(settings, seeds=BASE_SEEDS) -> list[Cell]:
-    """Seed-major, so that an interrupted grid holds complete seeds for as many settings as possible."""
-    methods = ["base"] + [method_name(w) for w in LAMBDAS]
+def first_pass_cells(settings, seeds=BASE_SEEDS, lambdas=LAMBDAS) -> list[Cell]:
+    """Seed-major, so that an interrupted grid holds complete seeds for as many settings as possible. `lambdas`: the
+    decorrelation weights beside the base (the paper's set by default; others are reported, never chosen)."""
+    methods = ["base"] + [method_name(w) for w in lambdas]
     return [Cell(s, m, seed) for seed in seeds for s in settings for m in methods]
 
 
@@ -318,6 +322,16 @@ def main(argv=None):
                         help="the first pass's seeds, every method (default: %(default)s; lambda is chosen on seeds "
                              f"{' '.join(map(str, BASE_SEEDS))} only, so a study that fixes lambda can run all its seeds "
                              "at once, e.g. --seeds 0 1 2 3 4 --only 'asr-32/base/*' 'asr-32/decor-10/*')")
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS),
+                        help="decorrelation weights of the first pass besides the base (default: the paper's "
+                             "%(default)s); λ is chosen on validation among the paper's set only, other weights are "
+                             "reported beside it")
+    parser.add_argument("--include", nargs="*", default=[],
+                        help="with the report: more grid folders whose result files join OUT's (the same recipe, "
+                             "run in other sessions); a cell found twice is an error")
+    parser.add_argument("--reruns", default=None,
+                        help="with the report: a grid folder of cells run again independently, set against the "
+                             "study's runs of the same cells in a table of their own")
     parser.add_argument("--hours", type=float, default=None, help="stop starting new cells after this long")
     parser.add_argument("--lip-encoder", default=None,
                         help="an AVHubertModel folder to use (default: OUT/lip_encoder/final, pretrained if absent)")
@@ -340,13 +354,14 @@ def main(argv=None):
         if needs_video and not (lip_encoder / "config.json").is_file():
             pretrain_lip_encoder.main(["--output_dir", str(lip_encoder.parent), *args.lip_args.split()])
         selected = lambda cells: [c for c in cells if not args.only or any(fnmatch.fnmatch(c.name, p) for p in args.only)]
-        run_cells(selected(first_pass_cells(args.settings, args.seeds)), out, lip_encoder, extra, args.workers, args.force,
-                  deadline, args.act_layers)
+        run_cells(selected(first_pass_cells(args.settings, args.seeds, args.lambdas)), out, lip_encoder, extra,
+                  args.workers, args.force, deadline, args.act_layers)
         if not args.no_extra_seeds:
             run_cells(selected(extra_cells(args.settings, load_results(out), args.extra_seeds)), out, lip_encoder, extra,
                       args.workers, args.force, deadline, args.act_layers)
 
-    report = write_report(load_results(out), out / "report")
+    reruns = load_results(Path(args.reruns)) if args.reruns else None
+    report = write_report(load_results(out, *map(Path, args.include)), out / "report", reruns)
     print(f"report: {report}")
 
 

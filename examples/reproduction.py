@@ -67,15 +67,23 @@ def method_weight(method: str) -> float:
 # ---- aggregation ---------------------------------------------------------------------------------------------------
 
 
-def load_results(out: Path) -> dict[str, dict]:
-    results = {}
-    for path in sorted(out.glob("runs/*/*/*/result.json")):
-        try:
-            result = json.loads(path.read_text())
-            results[result["cell"]] = result
-        except (json.JSONDecodeError, KeyError) as error:
-            raise ValueError(f"{path}: not a result file of reproduce_paper.py ({error}); delete it to rerun the "
-                             f"cell") from error
+def load_results(*outs: Path) -> dict[str, dict]:
+    """The result files of one or more grid folders, by cell name. Several folders make one study (e.g. grids run in
+    different sessions on the same recipe); a cell found in two of them is an error, since the report cannot know
+    which run to count (compare reruns with `rerun_rows` instead)."""
+    results, where = {}, {}
+    for out in outs:
+        for path in sorted(Path(out).glob("runs/*/*/*/result.json")):
+            try:
+                result = json.loads(path.read_text())
+                cell = result["cell"]
+            except (json.JSONDecodeError, KeyError) as error:
+                raise ValueError(f"{path}: not a result file of reproduce_paper.py ({error}); delete it to rerun the "
+                                 f"cell") from error
+            if cell in results:
+                raise ValueError(f"cell {cell} has two result files, {where[cell]} and {path}: give each study its "
+                                 f"own folders (a rerun of a cell belongs in --reruns)")
+            results[cell], where[cell] = result, path
     return results
 
 
@@ -102,7 +110,9 @@ def collect(results, setting, method, split, condition="clean", name="wer"):
 
 
 def choose_lambda(setting: str, results) -> str | None:
-    """The lambda with the lowest mean validation WER over the first-pass seeds (ties: the lower validation CE).
+    """The lambda of the paper's set (`LAMBDAS`) with the lowest mean validation WER over the first-pass seeds (ties:
+    the lower validation CE). Weights outside the paper's set (e.g. `--lambdas 0.1 1`) never take part: they are
+    reported beside it (`lambda_table`, `paired_lambda_table`), not chosen.
 
     Only `BASE_SEEDS` count: the extra seeds are run for the chosen lambda alone, and counting them could move the
     choice to a lambda with fewer seeds (whose extra seeds were never run)."""
@@ -220,16 +230,79 @@ def table1(results) -> tuple[list[str], dict]:
     return rows, data
 
 
+def weights_run(results) -> list[float]:
+    """Every decorrelation weight with a result (the paper's set and any other), ascending, base (0) first."""
+    return sorted({0.0, *(float(r["lambda"]) for r in results.values())})
+
+
+def weight_label(weight: float) -> str:
+    return f"λ = {weight:g}" + ("" if weight == 0 or weight in LAMBDAS else " (not the paper's)")
+
+
 def lambda_table(results) -> list[str]:
-    rows = ["| setting | " + " | ".join(f"λ = {w:g}" for w in (0.0, *LAMBDAS)) + " | chosen |",
-            "| --- |" + " --- |" * (len(LAMBDAS) + 2)]
+    weights = weights_run(results)
+    rows = ["| setting | " + " | ".join(weight_label(w) for w in weights) + " | chosen (paper's set) |",
+            "| --- |" + " --- |" * (len(weights) + 2)]
     for name, setting in SETTINGS.items():
-        cells = [fmt(mean_std(collect(results, name, method_name(w), "validation")), n=True)
-                 for w in (0.0, *LAMBDAS)]
+        cells = [fmt(mean_std(collect(results, name, method_name(w), "validation")), n=True) for w in weights]
         if all(c == "-" for c in cells):
             continue
         rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {choose_lambda(name, results) or '-'} |")
     return rows
+
+
+def paired_lambda_table(results) -> tuple[list[str], dict]:
+    """Test WER at every weight run, and its difference to the base model of the same seed (same initialisation and
+    data order), mean over the seeds both have, +- 2 SE (`compare_paired`). The paired view is the sharper one where
+    a weight has few seeds; it is how a weight outside the paper's set is compared."""
+    weights = [w for w in weights_run(results) if w > 0]
+    rows = ["| setting | " + " | ".join(weight_label(w) + ": WER %, Δ paired ± 2 SE" for w in weights) + " |",
+            "| --- |" + " --- |" * len(weights)]
+    data = {}
+    for name, setting in SETTINGS.items():
+        for condition in conditions(setting):
+            base = {r["seed"]: metric(r, "test", condition) for r in runs(results, name, "base")}
+            cells, any_run = [], False
+            for weight in weights:
+                decor = {r["seed"]: metric(r, "test", condition) for r in runs(results, name, method_name(weight))}
+                pairs = [decor[k] - base[k] for k in sorted(decor) if k in base and None not in (decor[k], base[k])]
+                paired = compare_paired(pairs)
+                stat = mean_std(list(decor.values()))
+                any_run = any_run or stat is not None
+                data[(name, condition, weight)] = {"wer": stat, "pairs": len(pairs), "paired": paired}
+                if stat is None:
+                    cells.append("-")
+                elif paired is None:
+                    cells.append(f"{fmt(stat)}" + (f", Δ {100 * pairs[0]:+.2f} (1 pair)" if len(pairs) == 1 else ""))
+                else:
+                    cells.append(f"{fmt(stat)}, Δ {delta_with_2se(paired)} ({verdict(paired)})")
+            if any_run:
+                rows.append(f"| {row_label(setting, condition)} | " + " | ".join(cells) + " |")
+    return rows, data
+
+
+def rerun_rows(results, reruns) -> list[str]:
+    """Cells run again independently (another session, machine or lip-encoder pretraining) against the study's own
+    run of the same cell: test WER and CE of both, and the difference set against the seed spread of that setting and
+    method in the study (the std over its seeds). A rerun is consistent with the table where the difference is within
+    about two of those stds."""
+    rows = ["| cell | study: WER % (CE), device | rerun: WER % (CE), device | rerun - study, WER points | "
+            "seed std of the study's setting and method |", "| --- | --- | --- | --- | --- |"]
+    for name, rerun in sorted(reruns.items()):
+        original = results.get(name)
+        if original is None:
+            continue
+        for condition in conditions(SETTINGS[rerun["setting"]]):
+            a, b = metric(original, "test", condition), metric(rerun, "test", condition)
+            if a is None or b is None:
+                continue
+            spread = mean_std(collect(results, rerun["setting"], rerun["method"], "test", condition))
+            std = f"{100 * spread['std']:.2f} (n={spread['n']})" if spread and math.isfinite(spread["std"]) else "-"
+            label = name + ("" if condition == "clean" else f", {condition}")
+            rows.append(f"| {label} | {100 * a:.2f} ({metric(original, 'test', condition, 'ce_loss'):.3f}), "
+                        f"{original.get('device', '?')} | {100 * b:.2f} ({metric(rerun, 'test', condition, 'ce_loss'):.3f}), "
+                        f"{rerun.get('device', '?')} | {100 * (b - a):+.2f} | {std} |")
+    return rows if len(rows) > 2 else []
 
 
 def table2(results, t1) -> tuple[list[str], dict]:
@@ -591,18 +664,23 @@ def plot_table1(t1, path: Path):
 # ---- the whole report ----------------------------------------------------------------------------------------------
 
 
-def write_report(results: dict, out_dir: Path) -> Path:
+def write_report(results: dict, out_dir: Path, reruns: dict | None = None) -> Path:
+    """tables.md, grid.json and the figures of the finished cells in `results`; `reruns` (cells run again
+    independently, by name) are set against them in a table of their own and counted nowhere else."""
     out_dir.mkdir(parents=True, exist_ok=True)
     t1_rows, t1 = table1(results)
     t2_rows, t2 = table2(results, t1)
     sink_rows, sinks = sink_table(results)
     reading = readings(results, t1, t2, sinks)
+    paired_rows, paired = paired_lambda_table(results)
     figures = [p for p in (plot_table1(t1, out_dir / "table1.png"), plot_emergence(results, out_dir / "emergence.png"))
                if p]
     devices = sorted({r.get("device", "?") for r in results.values()})
     lines = [f"{len(results)} runs finished ({', '.join(devices)}).", "",
              "Table 1 analogue: test WER, base vs decorrelation at the λ chosen on validation", "", *t1_rows, "",
              "λ chosen on the validation split (WER %, mean ± std)", "", *lambda_table(results), "",
+             "Every λ run against the base model of the same seed (test WER %; Δ = λ - base, paired over seeds)", "",
+             *paired_rows, "",
              "Table 2 analogue: ACT (heads chosen on validation) on the base models", "", *t2_rows, "",
              "Sinks, measured on 8 validation utterances per run (layers 2..L-1)", "", *sink_rows, "",
              *sink_timing_note(results),
@@ -610,11 +688,15 @@ def write_report(results: dict, out_dir: Path) -> Path:
              *trained_model_rows(results), "",
              "The reading", ""]
     lines += [f"- **{claim}**: {v}. {numbers}." for claim, v, numbers in reading]
+    rerun_table = rerun_rows(results, reruns or {})
+    if rerun_table:
+        lines += ["", "Cells rerun independently, against the study's run of the same cell", "", *rerun_table]
     lines += ["", "Figures: " + ", ".join(p.name for p in figures)]
     text = "\n".join(lines) + "\n"
     (out_dir / "tables.md").write_text(text)
     serial = {"table1": {f"{k[0]}|{k[1]}": v for k, v in t1.items()}, "table2": {f"{k[0]}|{k[1]}": v for k, v in t2.items()},
               "sinks": {f"{k[0]}|{k[1]}": v for k, v in sinks.items()},
+              "paired_lambdas": {f"{k[0]}|{k[1]}|{k[2]:g}": v for k, v in paired.items()},
               "reading": [{"claim": c, "verdict": v, "numbers": n} for c, v, n in reading]}
     (out_dir / "grid.json").write_text(json.dumps(serial, indent=1, default=str))
     return out_dir / "tables.md"

@@ -701,3 +701,28 @@ def test_sink_monitor_steps_and_profile(avsr):
             expected_ratio = max(expected_ratio, float((h[mask[b]] / median).max()))
     assert set(low["massive"]["features_bos"]) == expected_bos
     assert low["massive"]["max_ratio"] == pytest.approx(expected_ratio, rel=1e-5)
+
+
+def test_ordinary_alignment_separates_a_shared_massive_feature_from_the_rest():
+    """Ordinary tokens that carry BOS's massive feature at an ordinary size sit at a high cosine to BOS and to each
+    other; with that feature zeroed, what is left of them is orthogonal to BOS (the diagnostic of RESULTS.md)."""
+    from modeling_llama_avsr.analysis.report import _ordinary_alignment
+
+    torch.manual_seed(0)
+    d, n, feature = 64, 12, 7
+    x = torch.zeros(1, n, d)
+    x[0, 0, feature] = 1000.0  # BOS: the massive feature alone
+    rest = torch.randn(n - 1, d)
+    rest[:, feature] = 0
+    rest = rest / rest.norm(dim=-1, keepdim=True)
+    x[0, 1:] = rest
+    x[0, 1:, feature] = 1.0  # every ordinary token: half its squared norm in the feature
+    report = _ordinary_alignment([x, x.clone()], list(range(1, n)), 0, [feature])
+    unit = torch.nn.functional.normalize(x[0, 1:], dim=-1)
+    expected_pairwise = float((unit @ unit.T)[~torch.eye(n - 1, dtype=torch.bool)].mean())
+    assert report["non_sinks_pairwise"] == [pytest.approx(expected_pairwise, abs=1e-4)] * 2
+    assert report["non_sinks_massive_share"] == [pytest.approx(0.5, abs=1e-4)] * 2
+    assert report["non_sinks_without_massive"] == [0.0, 0.0]  # the BOS has nothing outside the feature
+    # cos to BOS of each ordinary token is 1 / sqrt(2): all of it from the shared feature
+    assert float(torch.nn.functional.cosine_similarity(x[0, 1:], x[0, :1]).mean()) == pytest.approx(2 ** -0.5, abs=1e-5)
+    assert _ordinary_alignment([x], [1], 0, [feature]) == {}  # one ordinary token has no pairs

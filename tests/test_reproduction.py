@@ -469,3 +469,71 @@ def test_sink_timing_note_says_when_end_was_measured():
     # Runs that measured at the end of training say how long they trained instead.
     ended = reproduction.sink_timing_note({"a": result(6.0, 900, trained=900)})[0]
     assert ended.endswith("step 900; the runs trained for 6 epoch(s) (900 steps).")
+
+
+# ---- weights outside the paper's set, several grid folders, reruns --------------------------------------------------
+
+
+def write_cells(folder: Path, *results):
+    for r in results:
+        path = folder / "runs" / r["setting"] / r["method"] / f"seed{r['seed']}" / "result.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(r))
+
+
+def test_other_lambdas_make_their_cells_and_never_take_part_in_the_choice():
+    cells = reproduce_paper.first_pass_cells(["asr-32"], seeds=(0,), lambdas=(0.1, 1.0))
+    assert [c.name for c in cells] == ["asr-32/base/seed0", "asr-32/decor-0.1/seed0", "asr-32/decor-1/seed0"]
+    assert Cell.parse("asr-32/decor-0.1/seed0").method == "decor-0.1"
+    assert reproduction.method_weight("decor-0.1") == 0.1
+    # decor-1 has the lowest validation WER, but lambda is chosen among the paper's set, as the paper chooses it.
+    results = by_cell(result("asr-32", "decor-1", 0, val_wer=0.05), result("asr-32", "decor-10", 0, val_wer=0.30),
+                      result("asr-32", "decor-100", 0, val_wer=0.40))
+    assert reproduction.choose_lambda("asr-32", results) == "decor-10"
+    header, _, row = reproduction.lambda_table(results)
+    assert "λ = 1 (not the paper's)" in header and "λ = 10 |" in header
+    assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 |"
+
+
+def test_every_lambda_is_compared_with_the_base_model_of_the_same_seed():
+    # The seeds differ a lot (base 10, 20, 30 %), lambda 1 is 1.0, 1.5, 2.0 points above its own seed's base: the
+    # unpaired difference is lost in the seeds' spread, the paired one is not.
+    results = by_cell(*(result("asr-32", "base", k, test_wer=w) for k, w in enumerate((0.10, 0.20, 0.30))),
+                      *(result("asr-32", "decor-1", k, test_wer=w) for k, w in enumerate((0.110, 0.215, 0.320))),
+                      result("asr-32", "decor-100", 0, test_wer=0.40),  # one pair: a difference, no verdict
+                      result("asr-32", "decor-10000", 5, test_wer=0.50))  # no base of seed 5: no pair
+    rows, data = reproduction.paired_lambda_table(results)
+    paired = data[("asr-32", "clean", 1.0)]["paired"]
+    assert paired["difference"] == pytest.approx(0.015) and paired["se"] == pytest.approx(0.005 / math.sqrt(3))
+    assert paired["separable"]
+    assert reproduction.compare(reproduction.mean_std([0.1, 0.2, 0.3]),
+                                data[("asr-32", "clean", 1.0)]["wer"])["separable"] is False
+    cells = table_row(rows, "ASR (32)")
+    assert cells[0] == "21.50 ± 10.50 (n=3), Δ +1.50 ± 0.58 (higher)"
+    assert cells[1] == "40.00 (n=1), Δ +30.00 (1 pair)"
+    assert cells[2] == "50.00 (n=1)"
+    assert data[("asr-32", "clean", 10000.0)]["pairs"] == 0
+
+
+def test_one_report_over_several_grid_folders_and_a_cell_in_two_is_an_error(tmp_path):
+    write_cells(tmp_path / "a", result("asr-32", "base", 0), result("asr-32", "decor-10", 0))
+    write_cells(tmp_path / "b", result("avsr-1-1", "base", 0, noisy_wer=0.5))
+    results = reproduction.load_results(tmp_path / "a", tmp_path / "b")
+    assert sorted(results) == ["asr-32/base/seed0", "asr-32/decor-10/seed0", "avsr-1-1/base/seed0"]
+    write_cells(tmp_path / "c", result("asr-32", "base", 0, test_wer=0.9))
+    with pytest.raises(ValueError, match=r"asr-32/base/seed0 has two result files, .*a/runs.* and .*c/runs"):
+        reproduction.load_results(tmp_path / "a", tmp_path / "c")
+
+
+def test_reruns_are_set_against_the_study_and_counted_nowhere_else(tmp_path):
+    study = by_cell(*(result("vsr-5", "base", k, test_wer=w, test_ce=0.3) for k, w in enumerate((0.10, 0.12, 0.14))))
+    rerun = result("vsr-5", "base", 0, test_wer=0.13, test_ce=0.35)
+    rerun["device"] = "NVIDIA H100 80GB HBM3"
+    unmatched = result("vsr-1", "base", 0)
+    rows = reproduction.rerun_rows(study, by_cell(rerun, unmatched))
+    assert rows[2:] == ["| vsr-5/base/seed0 | 10.00 (0.300), cpu | 13.00 (0.350), NVIDIA H100 80GB HBM3 | +3.00 | "
+                        "2.00 (n=3) |"]
+    text = reproduction.write_report(study, tmp_path / "report", by_cell(rerun)).read_text()
+    assert "Cells rerun independently" in text and "| vsr-5/base/seed0 | 10.00 (0.300)" in text
+    assert text.startswith("3 runs finished (cpu).")  # the rerun is not one of the study's runs
+    assert "12.00 ± 2.00 (n=3)" in text  # the base's test WER over the study's three seeds, without the rerun

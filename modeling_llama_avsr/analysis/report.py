@@ -139,12 +139,12 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
             "sinks": sinks.summary(types),
         },
     }
+    ordinary = [p for p in valid.nonzero().flatten().tolist() if p not in sink_positions and p != offset]
     report["cos_to_bos"] = {
         "intermediate_sinks": [round(float(cosine[0, e, sink_positions].mean()), 4) if sink_positions else None
                                for e in range(num_layers + 1)],
-        "non_sinks": [round(float(cosine[0, e, [p for p in valid.nonzero().flatten().tolist()
-                                                 if p not in sink_positions and p != offset]].mean()), 4)
-                      for e in range(num_layers + 1)],
+        "non_sinks": [round(float(cosine[0, e, ordinary].mean()), 4) for e in range(num_layers + 1)],
+        **_ordinary_alignment(hidden, ordinary, offset, report["massive_features"]),
     }
 
     origin = None
@@ -202,6 +202,33 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         (out / "summary.md").write_text(summary_markdown(report))
         logger.info("wrote %s and %s", out / "report.json", out / "summary.md")
     return report
+
+
+def _ordinary_alignment(hidden, ordinary: list[int], bos: int, features: list[int]) -> dict:
+    """Why ordinary tokens sit at the cosine they do to BOS, per hidden-states entry of sample 0 (eq. 10 penalises
+    every one of them, not only the sinks):
+    - non_sinks_pairwise: their mean cosine to each other: as high as to BOS means a direction all tokens share;
+    - non_sinks_without_massive: their cosine to BOS with BOS's massive features (`features`) zeroed in both states;
+    - non_sinks_massive_share: the share of their squared norm in those features."""
+    if len(ordinary) < 2:
+        return {}
+    index = torch.tensor(ordinary)
+    off_diagonal = ~torch.eye(len(ordinary), dtype=torch.bool)
+    pairwise, without, share = [], [], []
+    for state in hidden:
+        x = state[0].detach().float().cpu()
+        pairwise.append(round(float(pairwise_cosine(x[index])[off_diagonal].mean()), 4))
+        if features:
+            kept = x.clone()
+            kept[:, features] = 0
+            unit = torch.nn.functional.normalize(kept, dim=-1, eps=1e-12)
+            without.append(round(float((unit[index] @ unit[bos]).mean()), 4))
+            share.append(round(float((x[index][:, features].square().sum(-1) / x[index].square().sum(-1)
+                                      .clamp_min(1e-12)).mean()), 4))
+    out = {"non_sinks_pairwise": pairwise}
+    if features:
+        out.update(non_sinks_without_massive=without, non_sinks_massive_share=share)
+    return out
 
 
 def _figures(out, run, hidden, valid, types, sinks, stats, cosine, origin, effects, figure_layer, feature):
@@ -292,6 +319,11 @@ def summary_markdown(report: dict) -> str:
                      f"other tokens {cos['non_sinks'][middle]:.2f}")
     else:
         lines.append(f"- cos to BOS at entry {middle}: tokens {cos['non_sinks'][middle]:.2f}")
+    if cos.get("non_sinks_without_massive"):
+        lines.append(f"- other tokens at entry {middle}: cos {cos['non_sinks_pairwise'][middle]:.2f} to each other; "
+                     f"{100 * cos['non_sinks_massive_share'][middle]:.0f} % of their squared norm in BOS's massive "
+                     f"features {report['massive_features']}, without which their cos to BOS is "
+                     f"{cos['non_sinks_without_massive'][middle]:.2f}")
     for effect in report.get("interventions", []):
         lines.append(f"- {effect['description']}, into layer {effect['layer']}:")
         for token, target, before, after in zip(effect["tokens"], effect["targets"], effect["before"],

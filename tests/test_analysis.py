@@ -550,6 +550,18 @@ def test_analyze_writes_report_and_figures(avsr, tmp_path):
     # Eq. 9 picks a token far enough from the end for the rule to tell whether it became a sink.
     eq9 = saved["interventions"][1]
     assert eq9["toward"] == "bos" and eq9["tokens"][0] <= saved["num_tokens"] - 8
+    # Eq. 10's term of sample 0 is the trainer's decorrelation loss on that sample alone (paper layers), and the
+    # sinks' share of it is their part of the same sum.
+    from trainer import decorrelation_loss
+
+    hidden = tuple(h[:1] for h in run.hidden_states)
+    loss = decorrelation_loss(hidden, inputs["attention_mask"][:1], layers="paper")
+    assert saved["eq10"]["term"] == pytest.approx(float(loss), abs=1e-4)
+    cos = torch.nn.functional.cosine_similarity(run.raw_hidden_states[2][0], run.raw_hidden_states[2][0, offset], dim=-1)
+    positions = sorted({p + offset for p in map(int, saved["intermediate_sinks"])})
+    others = [p for p in range(offset + 1, inputs["attention_mask"].shape[1]) if p not in positions]
+    share = float(cos[positions].square().sum() / cos[positions + others].square().sum())
+    assert saved["eq10"]["share_from_intermediate_sinks"] == pytest.approx(share, abs=1e-4)
     # The figures name tokens by their position in the sample, not in the padded tensor.
     figure = plot_intervention(eq8, None)
     labels = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]

@@ -146,6 +146,13 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         "non_sinks": [round(float(cosine[0, e, ordinary].mean()), 4) for e in range(num_layers + 1)],
         **_ordinary_alignment(hidden, ordinary, offset, report["massive_features"]),
     }
+    # Eq. 10's term for sample 0 (entries 2..L-1, every token but BOS) and the part of it the intermediate sinks make:
+    # what the decorrelation loss would push on, sinks against ordinary tokens.
+    squared = cosine[0, 2:num_layers, sink_positions + ordinary].square()
+    if squared.numel():
+        report["eq10"] = {"term": round(float(squared.mean()), 4),
+                          "share_from_intermediate_sinks": round(float(squared[:, :len(sink_positions)].sum()
+                                                                       / squared.sum().clamp_min(1e-12)), 4)}
 
     origin = None
     if first_entry is not None and first_entry > 0:
@@ -319,6 +326,9 @@ def summary_markdown(report: dict) -> str:
                      f"other tokens {cos['non_sinks'][middle]:.2f}")
     else:
         lines.append(f"- cos to BOS at entry {middle}: tokens {cos['non_sinks'][middle]:.2f}")
+    if "eq10" in report:
+        lines.append(f"- eq. 10's term (entries 2..L-1): {report['eq10']['term']:.3f}, of which the intermediate sinks "
+                     f"make {100 * report['eq10']['share_from_intermediate_sinks']:.0f} %")
     if cos.get("non_sinks_without_massive"):
         lines.append(f"- other tokens at entry {middle}: cos {cos['non_sinks_pairwise'][middle]:.2f} to each other; "
                      f"{100 * cos['non_sinks_massive_share'][middle]:.0f} % of their squared norm in BOS's massive "

@@ -234,6 +234,22 @@ def _trim_report(report: dict) -> dict:
     return trimmed
 
 
+def lip_encoder_fingerprint(folder: Path) -> dict:
+    """Which lip encoder a video cell used: the sha256 of its weights and its pretraining's validation accuracy. Two
+    pretrainings of the same command on different CPUs give different encoders (88.4 and 88.8 % frame accuracy, and
+    4 points of VSR (5) WER apart), so the report compares only cells that share one (`reproduction.check_one_lip_encoder`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    info = Path(folder) / "pretraining.json"
+    accuracy = json.loads(info.read_text()).get("validation_frame_accuracy") if info.is_file() else None
+    return {"sha256": digest.hexdigest(), "validation_frame_accuracy": accuracy}
+
+
 def run_cell(cell: Cell, out: Path, lip_encoder: Path | None, extra: list[str], act_layers=None) -> dict:
     """Train and evaluate one cell with run_avsr.py, measuring sinks along the way; write its result file."""
     import torch
@@ -256,6 +272,8 @@ def run_cell(cell: Cell, out: Path, lip_encoder: Path | None, extra: list[str], 
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         **study.results,
     }
+    if SETTINGS[cell.setting].modality != "asr":
+        result["video_encoder"] = lip_encoder_fingerprint(lip_encoder)
     write_json_atomic(cell_dir(out, cell) / "result.json", result)
     return result
 
@@ -329,9 +347,10 @@ def main(argv=None):
     parser.add_argument("--include", nargs="*", default=[],
                         help="with the report: more grid folders whose result files join OUT's (the same recipe, "
                              "run in other sessions); a cell found twice is an error")
-    parser.add_argument("--reruns", default=None,
-                        help="with the report: a grid folder of cells run again independently, set against the "
-                             "study's runs of the same cells in a table of their own")
+    parser.add_argument("--reruns", nargs="*", default=[],
+                        help="with the report: grid folders of cells run again independently, set against the "
+                             "study's runs of the same cells in a table of their own (cells the study lacks are "
+                             "left out)")
     parser.add_argument("--hours", type=float, default=None, help="stop starting new cells after this long")
     parser.add_argument("--lip-encoder", default=None,
                         help="an AVHubertModel folder to use (default: OUT/lip_encoder/final, pretrained if absent)")
@@ -360,7 +379,7 @@ def main(argv=None):
             run_cells(selected(extra_cells(args.settings, load_results(out), args.extra_seeds)), out, lip_encoder, extra,
                       args.workers, args.force, deadline, args.act_layers)
 
-    reruns = load_results(Path(args.reruns)) if args.reruns else None
+    reruns = load_results(*map(Path, args.reruns)) if args.reruns else None
     report = write_report(load_results(out, *map(Path, args.include)), out / "report", reruns)
     print(f"report: {report}")
 

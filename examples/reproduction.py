@@ -87,6 +87,24 @@ def load_results(*outs: Path) -> dict[str, dict]:
     return results
 
 
+def check_one_lip_encoder(results: dict) -> None:
+    """Every comparison of the report is within a setting, so a setting's cells must share one lip encoder: a
+    re-pretrained encoder alone moved VSR (5)'s seed-0 WER by 4 points (RESULTS.md). Cells that predate the
+    fingerprint (`video_encoder` absent) count as one unknown encoder."""
+    by_setting = {}
+    for name, r in results.items():
+        if SETTINGS[r["setting"]].modality == "asr":
+            continue
+        encoder = (r.get("video_encoder") or {}).get("sha256", "unrecorded")
+        by_setting.setdefault(r["setting"], {}).setdefault(encoder, []).append(name)
+    for setting, encoders in by_setting.items():
+        if len(encoders) > 1:
+            listing = "; ".join(f"{e[:12]}: {', '.join(sorted(cells)[:3])}{' ...' if len(cells) > 3 else ''}"
+                                for e, cells in encoders.items())
+            raise ValueError(f"{setting}: cells with different lip encoders ({listing}); report them as separate "
+                             f"studies")
+
+
 def mean_std(values):
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
@@ -242,7 +260,7 @@ def weight_label(weight: float) -> str:
 def lambda_table(results) -> list[str]:
     weights = weights_run(results)
     rows = ["| setting | " + " | ".join(weight_label(w) for w in weights) + " | chosen (paper's set) |",
-            "| --- |" + " --- |" * (len(weights) + 2)]
+            "| --- |" + " --- |" * (len(weights) + 1)]
     for name, setting in SETTINGS.items():
         cells = [fmt(mean_std(collect(results, name, method_name(w), "validation")), n=True) for w in weights]
         if all(c == "-" for c in cells):
@@ -279,6 +297,32 @@ def paired_lambda_table(results) -> tuple[list[str], dict]:
             if any_run:
                 rows.append(f"| {row_label(setting, condition)} | " + " | ".join(cells) + " |")
     return rows, data
+
+
+def dose_rows(results) -> list[str]:
+    """What each weight does, for settings run at more than one weight (the dose-response): test WER and CE, the
+    decorrelation term on the test split (eq. 10, measured for the base too), and the sinks at the end of training
+    (intermediate sinks per probe sample, cos to BOS of sinks / other tokens, the largest massive ratio); mean +-
+    std over seeds."""
+    rows = ["| setting | λ | n | test WER % | test CE | test eq. 10 term | intermediate sinks / sample (end) | "
+            "cos to BOS: sinks / others (end) | max massive ratio (end) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, setting in SETTINGS.items():
+        weights = [w for w in weights_run(results) if runs(results, name, method_name(w))]
+        if len([w for w in weights if w > 0]) < 2:
+            continue
+        for weight in weights:
+            group = runs(results, name, method_name(weight))
+            ends = [final_profile(r) for r in group if final_profile(r)]
+            stat = lambda values, scale=1.0, digits=2: fmt(mean_std(values), scale, digits, False)  # noqa: E731
+            rows.append(
+                f"| {setting.label} | {weight:g} | {len(group)} | {stat([metric(r, 'test') for r in group], 100)} | "
+                f"{stat([metric(r, 'test', name='ce_loss') for r in group], 1, 3)} | "
+                f"{stat([metric(r, 'test', name='decor_loss') for r in group], 1, 3)} | "
+                f"{stat([e['intermediate_positions'] for e in ends])} | "
+                f"{stat([e['cos_bos']['sinks'] for e in ends])} / {stat([e['cos_bos']['others'] for e in ends])} | "
+                f"{stat([e['massive']['max_ratio'] for e in ends], 1, 0)} |")
+    return rows if len(rows) > 2 else []
 
 
 def rerun_rows(results, reruns) -> list[str]:
@@ -661,26 +705,70 @@ def plot_table1(t1, path: Path):
     return path
 
 
+def plot_dose(results, path: Path):
+    """For each setting run at more than one decorrelation weight: (left) test WER against λ, (right) what the loss
+    changed at the end of training: intermediate sinks per sample and the other tokens' cos to BOS. Mean ± std over
+    seeds; λ on a symmetric-log axis so that the base (λ = 0) sits at the left."""
+    from modeling_llama_avsr.analysis.plots import _pyplot
+
+    names = [n for n in SETTINGS if len([w for w in weights_run(results) if w > 0 and runs(results, n, method_name(w))]) > 1]
+    if not names:
+        return None
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for index, name in enumerate(names):
+        color = f"C{index}"  # one colour per setting in both panels
+        weights = [w for w in weights_run(results) if runs(results, name, method_name(w))]
+        groups = [runs(results, name, method_name(w)) for w in weights]
+
+        def series(values_of):
+            stats = [mean_std(values_of(g)) for g in groups]
+            return ([s["mean"] if s else math.nan for s in stats],
+                    [s["std"] if s and math.isfinite(s["std"]) else 0.0 for s in stats])
+
+        wer, wer_std = series(lambda g: [100 * metric(r, "test") for r in g])
+        left.errorbar(weights, wer, yerr=wer_std, marker="o", capsize=3, color=color, label=SETTINGS[name].label)
+        sinks, sinks_std = series(lambda g: [final_profile(r)["intermediate_positions"] for r in g if final_profile(r)])
+        cos, cos_std = series(lambda g: [final_profile(r)["cos_bos"]["others"] for r in g if final_profile(r)])
+        right.errorbar(weights, sinks, yerr=sinks_std, marker="o", capsize=3, color=color,
+                       label=f"{SETTINGS[name].label}: intermediate sinks / sample")
+        right.errorbar(weights, cos, yerr=cos_std, marker="s", ls="--", capsize=3, color=color,
+                       label=f"{SETTINGS[name].label}: other tokens' cos to BOS")
+    for ax, label in ((left, "test WER % (mean ± std)"), (right, "end of training")):
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel("decorrelation weight λ (0 = base)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle("What each λ does (the paper's set is 10, 1e2, 1e4)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # ---- the whole report ----------------------------------------------------------------------------------------------
 
 
 def write_report(results: dict, out_dir: Path, reruns: dict | None = None) -> Path:
     """tables.md, grid.json and the figures of the finished cells in `results`; `reruns` (cells run again
     independently, by name) are set against them in a table of their own and counted nowhere else."""
+    check_one_lip_encoder(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     t1_rows, t1 = table1(results)
     t2_rows, t2 = table2(results, t1)
     sink_rows, sinks = sink_table(results)
     reading = readings(results, t1, t2, sinks)
     paired_rows, paired = paired_lambda_table(results)
-    figures = [p for p in (plot_table1(t1, out_dir / "table1.png"), plot_emergence(results, out_dir / "emergence.png"))
-               if p]
+    doses = dose_rows(results)
+    figures = [p for p in (plot_table1(t1, out_dir / "table1.png"), plot_emergence(results, out_dir / "emergence.png"),
+                           plot_dose(results, out_dir / "dose.png")) if p]
     devices = sorted({r.get("device", "?") for r in results.values()})
     lines = [f"{len(results)} runs finished ({', '.join(devices)}).", "",
              "Table 1 analogue: test WER, base vs decorrelation at the λ chosen on validation", "", *t1_rows, "",
              "λ chosen on the validation split (WER %, mean ± std)", "", *lambda_table(results), "",
              "Every λ run against the base model of the same seed (test WER %; Δ = λ - base, paired over seeds)", "",
              *paired_rows, "",
+             *(["What each λ does where several were run (mean ± std over seeds)", "", *doses, ""] if doses else []),
              "Table 2 analogue: ACT (heads chosen on validation) on the base models", "", *t2_rows, "",
              "Sinks, measured on 8 validation utterances per run (layers 2..L-1)", "", *sink_rows, "",
              *sink_timing_note(results),

@@ -4,6 +4,7 @@ figures), without training anything: the cells' result files are built here, sha
 worked out by hand in each test."""
 
 import copy
+import hashlib
 import json
 import math
 import sys
@@ -490,8 +491,9 @@ def test_other_lambdas_make_their_cells_and_never_take_part_in_the_choice():
     results = by_cell(result("asr-32", "decor-1", 0, val_wer=0.05), result("asr-32", "decor-10", 0, val_wer=0.30),
                       result("asr-32", "decor-100", 0, val_wer=0.40))
     assert reproduction.choose_lambda("asr-32", results) == "decor-10"
-    header, _, row = reproduction.lambda_table(results)
+    header, separator, row = reproduction.lambda_table(results)
     assert "λ = 1 (not the paper's)" in header and "λ = 10 |" in header
+    assert header.count("|") == separator.count("|") == row.count("|")
     assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 |"
 
 
@@ -537,3 +539,42 @@ def test_reruns_are_set_against_the_study_and_counted_nowhere_else(tmp_path):
     assert "Cells rerun independently" in text and "| vsr-5/base/seed0 | 10.00 (0.300)" in text
     assert text.startswith("3 runs finished (cpu).")  # the rerun is not one of the study's runs
     assert "12.00 ± 2.00 (n=3)" in text  # the base's test WER over the study's three seeds, without the rerun
+
+
+def test_the_dose_response_lists_each_weight_of_a_setting_run_at_several(tmp_path):
+    results = by_cell(
+        *(result("asr-32", "base", k, test_wer=0.07, start=profile(0.3), end=profile(1.0, cos_sinks=0.99, cos_others=0.5,
+                                                                                        ratio=12000.0)) for k in (0, 1)),
+        *(result("asr-32", "decor-1", k, test_wer=w, start=profile(0.3), end=profile(1.0, cos_sinks=0.8, cos_others=0.01,
+                                                                                    ratio=9000.0))
+          for k, w in ((0, 0.08), (1, 0.10))),
+        result("asr-32", "decor-10", 0, test_wer=0.2, start=profile(0.3), end=profile(0.0, cos_others=0.0)),
+        result("asr-16", "decor-10", 0))  # one weight: no dose-response
+    for r in results.values():
+        r["test"]["clean"]["decor_loss"] = {"base": 0.3, "decor-1": 0.02, "decor-10": 0.004}[r["method"]]
+    rows = reproduction.dose_rows(results)
+    assert len(rows) == 2 + 3 and not any("ASR (16)" in r for r in rows)
+    assert rows[2] == ("| ASR (32) | 0 | 2 | 7.00 ± 0.00 | 0.500 ± 0.000 | 0.300 ± 0.000 | 1.00 ± 0.00 | 0.99 ± 0.00 / "
+                       "0.50 ± 0.00 | 12000 ± 0 |")
+    assert rows[3].startswith("| ASR (32) | 1 | 2 | 9.00 ± 1.41 | 0.500 ± 0.000 | 0.020 ± 0.000 | 1.00 ± 0.00 | 0.80")
+    assert rows[4].startswith("| ASR (32) | 10 | 1 | 20.00 | 0.500 | 0.004 | 0.00 | - / 0.00 |")
+    assert reproduction.plot_dose(results, tmp_path / "dose.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert reproduction.plot_dose(by_cell(result("asr-32", "decor-10", 0)), tmp_path / "none.png") is None
+
+
+def test_a_setting_whose_cells_used_different_lip_encoders_is_refused(tmp_path):
+    folder = tmp_path / "lip"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "pretraining.json").write_text('{"validation_frame_accuracy": 0.888}')
+    fingerprint = reproduce_paper.lip_encoder_fingerprint(folder)
+    assert fingerprint == {"sha256": hashlib.sha256(b"weights").hexdigest(), "validation_frame_accuracy": 0.888}
+    old = result("vsr-5", "base", 0)  # a result file from before the fingerprint: "unrecorded"
+    new = {**result("vsr-5", "decor-100", 0), "video_encoder": fingerprint}
+    with pytest.raises(ValueError, match="vsr-5: cells with different lip encoders"):
+        reproduction.check_one_lip_encoder(by_cell(old, new))
+    with pytest.raises(ValueError, match="different lip encoders"):
+        reproduction.write_report(by_cell(old, new), tmp_path / "report")
+    # One encoder per setting is fine, whichever; ASR cells have none.
+    reproduction.check_one_lip_encoder(by_cell(old, {**result("avsr-1-1", "base", 0), "video_encoder": fingerprint},
+                                                result("asr-32", "base", 0)))

@@ -237,7 +237,8 @@ def _trim_report(report: dict) -> dict:
 def lip_encoder_fingerprint(folder: Path) -> dict:
     """Which lip encoder a video cell used: the sha256 of its weights and its pretraining's validation accuracy. Two
     pretrainings of the same command on different CPUs give different encoders (88.4 and 88.8 % frame accuracy, and
-    4 points of VSR (5) WER apart), so the report compares only cells that share one (`reproduction.check_one_lip_encoder`)."""
+    4 points of VSR (5) WER apart), so the report compares only cells that share one
+    (`reproduction.check_one_lip_encoder`)."""
     import hashlib
 
     digest = hashlib.sha256()

@@ -343,9 +343,9 @@ def rerun_rows(results, reruns) -> list[str]:
             spread = mean_std(collect(results, rerun["setting"], rerun["method"], "test", condition))
             std = f"{100 * spread['std']:.2f} (n={spread['n']})" if spread and math.isfinite(spread["std"]) else "-"
             label = name + ("" if condition == "clean" else f", {condition}")
-            rows.append(f"| {label} | {100 * a:.2f} ({metric(original, 'test', condition, 'ce_loss'):.3f}), "
-                        f"{original.get('device', '?')} | {100 * b:.2f} ({metric(rerun, 'test', condition, 'ce_loss'):.3f}), "
-                        f"{rerun.get('device', '?')} | {100 * (b - a):+.2f} | {std} |")
+            ce_a, ce_b = metric(original, "test", condition, "ce_loss"), metric(rerun, "test", condition, "ce_loss")
+            rows.append(f"| {label} | {100 * a:.2f} ({ce_a:.3f}), {original.get('device', '?')} | "
+                        f"{100 * b:.2f} ({ce_b:.3f}), {rerun.get('device', '?')} | {100 * (b - a):+.2f} | {std} |")
     return rows if len(rows) > 2 else []
 
 
@@ -711,7 +711,8 @@ def plot_dose(results, path: Path):
     seeds; λ on a symmetric-log axis so that the base (λ = 0) sits at the left."""
     from modeling_llama_avsr.analysis.plots import _pyplot
 
-    names = [n for n in SETTINGS if len([w for w in weights_run(results) if w > 0 and runs(results, n, method_name(w))]) > 1]
+    several = lambda n: len([w for w in weights_run(results) if w > 0 and runs(results, n, method_name(w))]) > 1  # noqa: E731
+    names = [n for n in SETTINGS if several(n)]
     if not names:
         return None
     plt = _pyplot()

@@ -557,7 +557,8 @@ def test_analyze_writes_report_and_figures(avsr, tmp_path):
     hidden = tuple(h[:1] for h in run.hidden_states)
     loss = decorrelation_loss(hidden, inputs["attention_mask"][:1], layers="paper")
     assert saved["eq10"]["term"] == pytest.approx(float(loss), abs=1e-4)
-    cos = torch.nn.functional.cosine_similarity(run.raw_hidden_states[2][0], run.raw_hidden_states[2][0, offset], dim=-1)
+    state = run.raw_hidden_states[2][0]
+    cos = torch.nn.functional.cosine_similarity(state, state[offset], dim=-1)
     positions = sorted({p + offset for p in map(int, saved["intermediate_sinks"])})
     others = [p for p in range(offset + 1, inputs["attention_mask"].shape[1]) if p not in positions]
     share = float(cos[positions].square().sum() / cos[positions + others].square().sum())

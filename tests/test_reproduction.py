@@ -542,12 +542,11 @@ def test_reruns_are_set_against_the_study_and_counted_nowhere_else(tmp_path):
 
 
 def test_the_dose_response_lists_each_weight_of_a_setting_run_at_several(tmp_path):
+    base_end = profile(1.0, cos_sinks=0.99, cos_others=0.5, ratio=12000.0)
+    decor_end = profile(1.0, cos_sinks=0.8, cos_others=0.01, ratio=9000.0)
     results = by_cell(
-        *(result("asr-32", "base", k, test_wer=0.07, start=profile(0.3), end=profile(1.0, cos_sinks=0.99, cos_others=0.5,
-                                                                                        ratio=12000.0)) for k in (0, 1)),
-        *(result("asr-32", "decor-1", k, test_wer=w, start=profile(0.3), end=profile(1.0, cos_sinks=0.8, cos_others=0.01,
-                                                                                    ratio=9000.0))
-          for k, w in ((0, 0.08), (1, 0.10))),
+        *(result("asr-32", "base", k, test_wer=0.07, start=profile(0.3), end=base_end) for k in (0, 1)),
+        *(result("asr-32", "decor-1", k, test_wer=w, start=profile(0.3), end=decor_end) for k, w in ((0, 0.08), (1, 0.10))),
         result("asr-32", "decor-10", 0, test_wer=0.2, start=profile(0.3), end=profile(0.0, cos_others=0.0)),
         result("asr-16", "decor-10", 0))  # one weight: no dose-response
     for r in results.values():

@@ -225,7 +225,7 @@ def _trim_report(report: dict) -> dict:
     """The parts of `analyze`'s report the reading uses (its per-layer table and token strings stay out)."""
     keep = ("num_layers", "num_tokens", "sink_rule", "bos_sink_layers", "intermediate_sinks", "first_massive_entry",
             "massive_features", "max_ratio", "final_norm", "cos_to_bos", "mlp_origin", "interventions",
-            "figure_entry", "figures", "token_types")
+            "figure_entry", "figures", "token_types", "eq10")
     trimmed = {k: report[k] for k in keep if k in report}
     trimmed["layers"] = [{k: layer[k] for k in ("layer", "bos_relative_score", "intermediate_sinks",
                                                  "intermediate_sink_types", "ratio", "top_activation_feature",

@@ -299,6 +299,12 @@ def paired_lambda_table(results) -> tuple[list[str], dict]:
     return rows, data
 
 
+def dose_settings(results) -> list[str]:
+    """The settings run at more than one decorrelation weight: those with a dose-response to show."""
+    return [n for n in SETTINGS
+            if len([w for w in weights_run(results) if w > 0 and runs(results, n, method_name(w))]) > 1]
+
+
 def dose_rows(results) -> list[str]:
     """What each weight does, for settings run at more than one weight (the dose-response): test WER and CE, the
     decorrelation term on the test split (eq. 10, measured for the base too), and the sinks at the end of training
@@ -307,11 +313,9 @@ def dose_rows(results) -> list[str]:
     rows = ["| setting | λ | n | test WER % | test CE | test eq. 10 term | intermediate sinks / sample (end) | "
             "cos to BOS: sinks / others (end) | max massive ratio (end) |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, setting in SETTINGS.items():
-        weights = [w for w in weights_run(results) if runs(results, name, method_name(w))]
-        if len([w for w in weights if w > 0]) < 2:
-            continue
-        for weight in weights:
+    for name in dose_settings(results):
+        setting = SETTINGS[name]
+        for weight in [w for w in weights_run(results) if runs(results, name, method_name(w))]:
             group = runs(results, name, method_name(weight))
             ends = [final_profile(r) for r in group if final_profile(r)]
             stat = lambda values, scale=1.0, digits=2: fmt(mean_std(values), scale, digits, False)  # noqa: E731
@@ -711,8 +715,7 @@ def plot_dose(results, path: Path):
     seeds; λ on a symmetric-log axis so that the base (λ = 0) sits at the left."""
     from modeling_llama_avsr.analysis.plots import _pyplot
 
-    several = lambda n: len([w for w in weights_run(results) if w > 0 and runs(results, n, method_name(w))]) > 1  # noqa: E731
-    names = [n for n in SETTINGS if several(n)]
+    names = dose_settings(results)
     if not names:
         return None
     plt = _pyplot()

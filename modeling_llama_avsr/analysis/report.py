@@ -139,16 +139,16 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
             "sinks": sinks.summary(types),
         },
     }
-    ordinary = [p for p in valid.nonzero().flatten().tolist() if p not in sink_positions and p != offset]
+    non_sinks = [p for p in valid.nonzero().flatten().tolist() if p not in sink_positions and p != offset]
     report["cos_to_bos"] = {
         "intermediate_sinks": [round(float(cosine[0, e, sink_positions].mean()), 4) if sink_positions else None
                                for e in range(num_layers + 1)],
-        "non_sinks": [round(float(cosine[0, e, ordinary].mean()), 4) for e in range(num_layers + 1)],
-        **_ordinary_alignment(hidden, ordinary, offset, report["massive_features"]),
+        "non_sinks": [round(float(cosine[0, e, non_sinks].mean()), 4) for e in range(num_layers + 1)],
+        **_ordinary_alignment(hidden, non_sinks, offset, report["massive_features"]),
     }
     # Eq. 10's term for sample 0 (entries 2..L-1, every token but BOS) and the part of it the intermediate sinks make:
     # what the decorrelation loss would push on, sinks against ordinary tokens.
-    squared = cosine[0, 2:num_layers, sink_positions + ordinary].square()
+    squared = cosine[0, 2:num_layers, sink_positions + non_sinks].square()
     if squared.numel():
         report["eq10"] = {"term": round(float(squared.mean()), 4),
                           "share_from_intermediate_sinks": round(float(squared[:, :len(sink_positions)].sum()
@@ -187,8 +187,7 @@ def analyze(model, inputs, types=None, out_dir=None, tokens=None, threshold: flo
         # Eq. 9: the ordinary token least aligned with BOS, rotated toward BOS where massive activations are made;
         # among the tokens that enough queries see from afar, or the rule could not tell whether it became a sink.
         judged = distant_query_counts(valid[None], 1, len(valid), sinks.window)[0] >= sinks.min_queries
-        ordinary = [p for p in valid.nonzero().flatten().tolist()
-                    if p != offset and p not in sink_positions and int(types[0, p]) not in (PAD, BOS) and judged[p]]
+        ordinary = [p for p in non_sinks if int(types[0, p]) not in (PAD, BOS) and judged[p]]
         if ordinary:
             layer = (first_entry - 1) if first_entry else min(2, num_layers - 1)
             token = ordinary[int(cosine[0, layer, ordinary].argmin())]

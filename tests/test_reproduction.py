@@ -205,6 +205,22 @@ def test_lambda_choice_ignores_the_extra_seeds_of_the_chosen_lambda():
     assert {c.method for c in reproduce_paper.extra_cells(["vsr-5"], results)} == {"base", "decor-10"}
 
 
+def test_lambdas_are_compared_on_the_seeds_they_share():
+    """One seed's value against a three-seed mean would favour the noisier side; the choice uses the shared seeds."""
+    results = by_cell(result("asr-32", "decor-10", 0, val_wer=0.05), result("asr-32", "decor-10", 1, val_wer=0.30),
+                      result("asr-32", "decor-10", 2, val_wer=0.30), result("asr-32", "decor-100", 0, val_wer=0.10))
+    # Means over each weight's own seeds would pick decor-100 (0.10 < 0.217); at seed 0, which both have, decor-10 wins.
+    assert reproduction.choice_seeds("asr-32", results) == [0]
+    assert reproduction.choose_lambda("asr-32", results) == "decor-10"
+    results["asr-32/decor-100/seed0"]["validation"]["wer"] = 0.04
+    assert reproduction.choose_lambda("asr-32", results) == "decor-100"
+    # No seed in common: each weight's own first-pass seeds, said by an empty list.
+    results = by_cell(result("asr-32", "decor-10", 1, val_wer=0.20), result("asr-32", "decor-100", 0, val_wer=0.30))
+    assert reproduction.choice_seeds("asr-32", results) == []
+    assert reproduction.choose_lambda("asr-32", results) == "decor-10"
+    assert reproduction.lambda_table(results)[2].endswith("| decor-10 | each λ's own |")
+
+
 # ---- tables and readings -------------------------------------------------------------------------------------------
 
 
@@ -494,7 +510,7 @@ def test_other_lambdas_make_their_cells_and_never_take_part_in_the_choice():
     header, separator, row = reproduction.lambda_table(results)
     assert "λ = 1 (not the paper's)" in header and "λ = 10 |" in header
     assert header.count("|") == separator.count("|") == row.count("|")
-    assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 |"
+    assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 | 0 |"
 
 
 def test_every_lambda_is_compared_with_the_base_model_of_the_same_seed():

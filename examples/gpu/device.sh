@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Steps of a session on a lent GPU machine that reaches no package registry and takes at most 64 MiB per call
 # (RESULTS.md names the calls that were made). Everything lives in /tmp, which a warm machine keeps between calls.
+# The 64 MiB count the working tree's tracked files too (26 MB on 2026-12-06), so the GGUF goes in three parts.
+# A machine idle for 30 s is given back with its /tmp: a call that waits for runs must also pack their result files
+# into $OUT before it returns (an 18-cell pool was lost to a separate packing call on 2026-12-06).
 #
 #   bash examples/gpu/device.sh install DIR        # wheels carried in DIR -> /tmp/site (pip --no-index --no-deps)
 #   bash examples/gpu/device.sh gguf DIR           # a part of the SmolLM2 GGUF carried in DIR -> /tmp/gguf/

@@ -12,7 +12,7 @@ The grid (issue 15): SmolLM2-135M + Whisper tiny.en, with the viseme-pretrained 
 `examples/pretrain_lip_encoder.py` (frozen) for VSR and AVSR, at the compression rates of the paper's Table 1:
 ASR (4), (16), (32); VSR (1), (5); AVSR (1,1), (4,2), (16,5). Each setting is trained without the decorrelation loss
 ("base") and with lambda in {10, 1e2, 1e4}; lambda is chosen per setting on the validation split (the mean validation
-WER over the first-pass seeds 0-2, ties broken by the validation CE), as the paper chooses it. Every run is the main job's recipe
+WER over the first-pass seeds 0-2 that every λ has, ties broken by the validation CE), as the paper chooses it. Every run is the main job's recipe
 (`examples/run_avsr.py`: 3 epochs, batch 8, LoRA r16 on q/v, AdamW 2e-3, cosine); AVSR is trained with babble noise
 at the original's SNR set so that the video has something to add, and is tested clean and at 0 dB babble. Base runs of
 ASR (32) and AVSR (16,5) are also decoded under ACT (Table 2), with heads chosen on the validation split.

@@ -218,7 +218,11 @@ def test_lambdas_are_compared_on_the_seeds_they_share():
     results = by_cell(result("asr-32", "decor-10", 1, val_wer=0.20), result("asr-32", "decor-100", 0, val_wer=0.30))
     assert reproduction.choice_seeds("asr-32", results) == []
     assert reproduction.choose_lambda("asr-32", results) == "decor-10"
-    assert reproduction.lambda_table(results)[2].endswith("| decor-10 | each λ's own |")
+    assert reproduction.lambda_table(results)[2].endswith("| decor-10 (of 2 of 3 weights run) | each λ's own |")
+    # With every weight of the paper's set run, the choice stands alone.
+    results = by_cell(*(result("asr-32", m, 0, val_wer=v)
+                        for m, v in (("decor-10", 0.2), ("decor-100", 0.1), ("decor-10000", 0.4))))
+    assert reproduction.lambda_table(results)[2].endswith("| decor-100 | 0 |")
 
 
 # ---- tables and readings -------------------------------------------------------------------------------------------
@@ -240,11 +244,11 @@ def wer_grid(high_decor, low_decor=(0.11, 0.13, 0.15)):
 def test_table1_reads_lower_not_separable_and_too_few_seeds_with_the_numbers():
     rows, t1, _, _, reading = report_parts(wer_grid(high_decor=(0.25, 0.27, 0.29)))
     # asr-32: 32.00 -> 27.00, difference -5.00, 2 SE = 200 * sqrt(2 * 0.02^2 / 3) = 3.27: lower.
-    assert table_row(rows, "ASR (32)")[:5] == ["32.00 ± 2.00 (n=3)", "decor-10", "27.00 ± 2.00 (n=3)",
-                                              "-5.00 ± 3.27", "lower"]
+    assert table_row(rows, "ASR (32)")[:5] == ["32.00 ± 2.00 (n=3)", "decor-10 (of 2 of 3 weights run)",
+                                              "27.00 ± 2.00 (n=3)", "-5.00 ± 3.27", "lower"]
     # asr-4: 12.00 -> 13.00, +1.00 within 3.27: not separable.
-    assert table_row(rows, "ASR (4)")[1:5] == ["decor-100", "13.00 ± 2.00 (n=3)", "+1.00 ± 3.27",
-                                               "not separable from seed variance"]
+    assert table_row(rows, "ASR (4)")[1:5] == ["decor-100 (of 1 of 3 weights run)", "13.00 ± 2.00 (n=3)",
+                                               "+1.00 ± 3.27", "not separable from seed variance"]
     # asr-16: one seed each.
     assert table_row(rows, "ASR (16)")[3:5] == ["-", "too few seeds"]
     assert t1[("asr-32", "clean")]["compare"]["difference"] == pytest.approx(-0.05)
@@ -272,8 +276,9 @@ def test_avsr_rows_have_a_clean_and_a_babble_condition():
     rows, t1, *_ = report_parts(results)
     assert set(t1) == {("avsr-16-5", "clean"), ("avsr-16-5", "babble 0 dB")}
     # babble: 45.00 ± 7.07 -> 35.00 ± 7.07, -10.00 with 2 SE = 200 * sqrt(2 * 0.005 / 2) = 14.14: not separable.
-    assert table_row(rows, "AVSR (16,5), babble 0 dB")[:5] == ["45.00 ± 7.07 (n=2)", "decor-10", "35.00 ± 7.07 (n=2)",
-                                                               "-10.00 ± 14.14", "not separable from seed variance"]
+    assert table_row(rows, "AVSR (16,5), babble 0 dB")[:5] == [
+        "45.00 ± 7.07 (n=2)", "decor-10 (of 1 of 3 weights run)", "35.00 ± 7.07 (n=2)", "-10.00 ± 14.14",
+        "not separable from seed variance"]
 
 
 def sink_grid(end_by_type, seeds=(0, 1, 2), decor_end=(0.1, 0.2, 0.3), decor_ratio=(100.0, 110.0, 120.0)):
@@ -407,7 +412,8 @@ def test_write_report_on_a_folder_of_result_files(tmp_path):
     text = tables.read_text()
     assert tables == tmp_path / "report" / "tables.md"
     assert text.startswith("6 runs finished (NVIDIA H200).")
-    assert "| ASR (32) | 32.00 ± 2.00 (n=3) | decor-10 | 27.00 ± 2.00 (n=3) | -5.00 ± 3.27 | lower |" in text
+    assert ("| ASR (32) | 32.00 ± 2.00 (n=3) | decor-10 (of 1 of 3 weights run) | 27.00 ± 2.00 (n=3) | -5.00 ± 3.27 | "
+            "lower |") in text
     # Table 2 from the real ACT block: 0.19099 on every copy; base max ratio from the last history entry.
     real = json.loads(REAL_RESULT.read_text())
     act = 100 * real["act"]["test"]["clean"]["wer"]
@@ -510,7 +516,7 @@ def test_other_lambdas_make_their_cells_and_never_take_part_in_the_choice():
     header, separator, row = reproduction.lambda_table(results)
     assert "λ = 1 (not the paper's)" in header and "λ = 10 |" in header
     assert header.count("|") == separator.count("|") == row.count("|")
-    assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 | 0 |"
+    assert row == "| ASR (32) | - | 5.00 (n=1) | 30.00 (n=1) | 40.00 (n=1) | decor-10 (of 2 of 3 weights run) | 0 |"
 
 
 def test_every_lambda_is_compared_with_the_base_model_of_the_same_seed():

@@ -161,10 +161,9 @@ def choose_lambda(setting: str, results) -> str | None:
     return None if best is None else best[1]
 
 
-def chosen_label(setting: str, results) -> str:
-    """`choose_lambda`'s method for the tables; a choice among fewer than the paper's weights says so, because it is
-    the best of those run, not the choice the paper's set would make."""
-    chosen = choose_lambda(setting, results)
+def chosen_label(setting: str, results, chosen: str | None) -> str:
+    """`chosen` (`choose_lambda`'s method) for the tables; a choice among fewer than the paper's weights says so,
+    because it is the best of those run, not the choice the paper's set would make."""
     if chosen is None:
         return "-"
     run = sum(bool(collect(results, setting, method_name(w), "validation")) for w in LAMBDAS)
@@ -252,6 +251,7 @@ def table1(results) -> tuple[list[str], dict]:
     data = {}
     for name, setting in SETTINGS.items():
         chosen = choose_lambda(name, results)
+        label = chosen_label(name, results, chosen)
         for condition in conditions(setting):
             base = mean_std(collect(results, name, "base", "test", condition))
             if base is None:
@@ -264,7 +264,7 @@ def table1(results) -> tuple[list[str], dict]:
                                        "ce_base": ce_base, "ce_decor": ce_decor,
                                        "ce_compare": compare(ce_base, ce_decor)}
             paper = PAPER_TABLE1.get(name) if condition == "clean" else None
-            rows.append(f"| {row_label(setting, condition)} | {fmt(base)} | {chosen_label(name, results)} | "
+            rows.append(f"| {row_label(setting, condition)} | {fmt(base)} | {label} | "
                         f"{fmt(decor)} | {delta_with_2se(comparison)} | "
                         f"{verdict(comparison)} | {fmt(ce_base, 1, 3, False)} / {fmt(ce_decor, 1, 3, False)} | "
                         f"{f'{paper[0]} -> {paper[1]}' if paper else ''} |")
@@ -289,7 +289,7 @@ def lambda_table(results) -> list[str]:
         if all(c == "-" for c in cells):
             continue
         seeds = ", ".join(map(str, choice_seeds(name, results))) or "each λ's own"
-        rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {chosen_label(name, results)} | {seeds} |")
+        rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {chosen_label(name, results, choose_lambda(name, results))} | {seeds} |")
     return rows
 
 

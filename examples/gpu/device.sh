@@ -68,10 +68,11 @@ PY
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$2"/*.whl
     ;;
   corpus)
-    # The main job's corpus (examples/run_avsr.py's defaults) on the machine's cores: about 30 s on 16.
-    (cd /tmp/repo && PYTHONPATH="$SITE:/tmp/repo" nohup setsid python3 -c "from modeling_llama_avsr.data import \
-make_corpus; make_corpus('/tmp/corpus', num_train=1200, num_validation=50, num_test=200, seed=0, num_workers=16); \
-print('corpus done')" >/tmp/corpus.log 2>&1 </dev/null &)
+    # The main job's corpus (examples/run_avsr.py's defaults) on the machine's cores: about 30 s on 16; ready when
+    # /tmp/corpus.log says "Synthetic corpus ready".
+    (cd /tmp/repo && PYTHONPATH="$SITE:/tmp/repo" nohup setsid python3 -m modeling_llama_avsr.cli make-corpus \
+        --out /tmp/corpus --num-train 1200 --num-validation 50 --num-test 200 --seed 0 --workers 16 \
+        >/tmp/corpus.log 2>&1 </dev/null &)
     ;;
   whisper)
     mkdir -p "$CACHE" && rm -rf "$CACHE/whisper-tiny.en" && cp -r "$2" "$CACHE/whisper-tiny.en"

